@@ -1,0 +1,326 @@
+"""The `featurecache` command line (typer). Each command is a thin layer over the modules it names."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .api import DataOptions, dataset_features, default_cache_dir, extract_dataset
+from .errors import FeatureCacheError
+from .extract import FeatureSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and clean the feature cache.")
+app.add_typer(cache_app, name="cache")
+
+# ---- options shared by several commands ----------------------------------------------------------
+Data = Annotated[str, typer.Option("--data", help="Folder of class subfolders (or train/ and test/), an .npz, "
+                                                  "or digits | fashion-mnist | mnist | cifar10.")]
+DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding a built-in dataset's files.")]
+TestSize = Annotated[float, typer.Option("--test-size", help="Test fraction when a dataset has no split.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the split, random weights and heads.")]
+MaxTrain = Annotated[Optional[int], typer.Option("--max-train", help="Use a stratified subset of N train images.")]
+MaxTest = Annotated[Optional[int], typer.Option("--max-test", help="Use a stratified subset of N test images.")]
+Model = Annotated[str, typer.Option("--model", help="Backbone; see `featurecache models`.")]
+Weights = Annotated[str, typer.Option("--weights", help="imagenet | random | an offline name (hed-bsds) | PATH.")]
+Layers = Annotated[Optional[list[str]], typer.Option("--layer", help="Layer tap (repeatable); default: the "
+                                                                    "model's last conv/pool output.")]
+Pool = Annotated[str, typer.Option("--pool", help="flatten | avg | max.")]
+Size = Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the images' own, "
+                                                            "raised to the model's minimum).")]
+Resize = Annotated[str, typer.Option("--resize", help="nearest | bilinear.")]
+Preprocess = Annotated[str, typer.Option("--preprocess", help="auto (the model's own) | scale01 (x/255).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (does not change vectors).")]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache folder [default: ./cache or "
+                                                                      "$FEATURECACHE_DIR].")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _cache(cache_dir: Optional[Path]) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _emit(obj, as_json: bool, text: str) -> None:
+    print(json.dumps(obj, indent=1) if as_json else text)
+
+
+# ---- models and layers -------------------------------------------------------------------------------
+@app.command()
+def models(as_json: Json = False):
+    """The backbones featurecache knows, with their sizes, default tap and available weights."""
+    from .backbones import BACKBONES
+
+    rows = []
+    for b in BACKBONES.values():
+        weights = (["imagenet (Keras download)"] if b.keras_class else []) + \
+                  [f"{w.name} (offline: {w.description} Licence: {w.licence})" for w in b.offline] + ["random"]
+        rows.append({"name": b.name, "family": b.family, "min_size": b.min_size, "default_size": b.default_size,
+                     "default_layer": b.default_layer or "(last layer)", "preprocess": b.preprocess,
+                     "weights": weights})
+    text = "\n".join(f"{r['name']:<20} {r['family']:<18} min {r['min_size']:>3}  default {r['default_size']:>3}  "
+                     f"tap {r['default_layer']:<22} preprocess {r['preprocess']:<6}\n{'':<20} weights: "
+                     + "; ".join(r["weights"]) for r in rows)
+    _emit(rows, as_json, text)
+
+
+@app.command()
+def layers(model: Model, size: Size = None, cache_dir: CacheDir = None, as_json: Json = False):
+    """Every tappable layer of a model with its output shape at an input size."""
+    from .backbones import get_backbone
+    from .taps import catalogue
+
+    backbone = get_backbone(model)
+    size = size or backbone.default_size
+    taps = catalogue(backbone, size, _cache(cache_dir))
+    default = backbone.default_layer or taps[-1].name
+    rows = [{"name": t.name, "shape": list(t.shape), "reduction": t.reduction, "flatten_dims": t.dims("flatten"),
+             "pooled_dims": t.dims("avg"), "default": t.name == default} for t in taps]
+    text = "\n".join(f"{t.name:<32} {str(t.shape):<16} flatten {t.dims('flatten'):>7}  avg/max {t.channels:>5}"
+                     + ("   <- default" if t.name == default else "") for t in taps)
+    _emit({"model": model, "size": size, "layers": rows}, as_json, f"{model} at {size}x{size}:\n{text}")
+
+
+# ---- extraction -------------------------------------------------------------------------------------
+@app.command("extract")
+def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet", layer: Layers = None,
+                pool: Pool = "flatten", size: Size = None, resize: Resize = "nearest",
+                preprocess: Preprocess = "auto", batch_size: BatchSize = 64, cache_dir: CacheDir = None,
+                data_dir: DataDir = None, test_size: TestSize = 0.25, seed: Seed = 0,
+                max_train: MaxTrain = None, max_test: MaxTest = None, as_json: Json = False, quiet: Quiet = False):
+    """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
+    opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
+    ds = opts.load()
+    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed)
+    cache = _cache(cache_dir)
+    _, summary = extract_dataset(ds, spec, cache, batch_size, progress=not quiet and not as_json, log=_log)
+    out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(cache))
+    lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
+             f"{model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
+             + (f", {out['images_per_second']} images/s" if summary.computed else "")]
+    for s in summary.sets:
+        lines.append(f"  {s['layer']:<24} set {s['id']}  dims {s['dims']:>6}  computed {s['computed']:>6}  "
+                     f"reused {s['reused']:>6}")
+    _emit(out, as_json, "\n".join(lines))
+
+
+# ---- heads ------------------------------------------------------------------------------------------
+@app.command()
+def fit(data: Data, head: Annotated[str, typer.Option("--head", help="linsvc | svc | logreg | mlp | ridge | sgd | "
+                                                                      "knn | rf.")] = "linsvc",
+        model: Model = "vgg16", weights: Weights = "imagenet", layer: Layers = None, pool: Pool = "flatten",
+        size: Size = None, resize: Resize = "nearest", preprocess: Preprocess = "auto",
+        normalize: Annotated[str, typer.Option("--normalize", help="l2 | standard | none.")] = "l2",
+        pca: Annotated[Optional[int], typer.Option("--pca", help="Reduce to N dimensions first.")] = None,
+        C: Annotated[Optional[float], typer.Option("--C", help="Inverse regularisation (linsvc, svc, logreg, ...).")] = None,
+        kernel: Annotated[Optional[str], typer.Option("--kernel", help="svc kernel: rbf | linear | poly.")] = None,
+        hidden: Annotated[Optional[str], typer.Option("--hidden", help="mlp hidden sizes, e.g. 512,100.")] = None,
+        max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="Iteration cap.")] = None,
+        max_depth: Annotated[Optional[int], typer.Option("--max-depth", help="rf tree depth.")] = None,
+        k: Annotated[Optional[int], typer.Option("--k", help="knn neighbours.")] = None,
+        calibrate: Annotated[bool, typer.Option("--calibrate", help="Calibrated probabilities for "
+                                                                    "linear heads.")] = False,
+        grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Cross-validated search on the train "
+                                                                         "split, e.g. C=0.01,0.1,1.")] = None,
+        do_extract: Annotated[bool, typer.Option("--extract", help="Extract missing features first "
+                                                                   "instead of failing.")] = False,
+        batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
+        test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
+        notes: Annotated[str, typer.Option("--notes", help="Free text stored with the run.")] = "",
+        as_json: Json = False, quiet: Quiet = False):
+    """Fit a head on cached features, evaluate it, save it as a run and add it to the ledger."""
+    from .fit import fit_head
+
+    opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
+    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed)
+    options = {"C": C, "kernel": kernel, "hidden": hidden, "max_iter": max_iter, "max_depth": max_depth,
+               "k": k, "calibrate": calibrate or None}
+    record = fit_head(opts, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
+                      grid or [], _cache(cache_dir), compute=do_extract, batch_size=batch_size,
+                      progress=not quiet and not as_json, notes=notes, log=_log)
+    m = record["metrics"]
+    if as_json:
+        print(json.dumps({k: record[k] for k in ("run_id", "head", "features", "dims", "fit_seconds", "n_train",
+                                                  "n_test", "grid", "run_dir")}
+                         | {"train_accuracy": m["train_accuracy"], "test_accuracy": m["test_accuracy"]}, indent=1))
+        return
+    from .fit import describe
+
+    print(describe(record))
+
+
+@app.command()
+def report(fmt: Annotated[str, typer.Option("--format", help="table | markdown | csv.")] = "table",
+           cache_dir: CacheDir = None,
+           plot: Annotated[Optional[Path], typer.Option("--plot", help="Where to write the PNG "
+                                                                       "[default: <cache>/runs/report.png].")] = None):
+    """The ledger of runs as a comparison table, and a plot of test accuracy against fit time."""
+    from .report import render, plot_runs
+    from .runs import read_ledger, runs_dir
+
+    cache = _cache(cache_dir)
+    rows = read_ledger(cache)
+    if not rows:
+        raise FeatureCacheError(f"no runs in {runs_dir(cache)}; fit one with `featurecache fit`")
+    print(render(rows, fmt))
+    path = plot_runs(rows, plot or runs_dir(cache) / "report.png")
+    _log(f"plot: {path}")
+
+
+@app.command()
+def predict(files: Annotated[list[Path], typer.Argument(help="Image files.")],
+            run: Annotated[str, typer.Option("--run", help="Run id printed by `featurecache fit`.")],
+            fmt: Annotated[str, typer.Option("--format", help="text | json | csv.")] = "text",
+            top: Annotated[int, typer.Option("--top", help="Also list the K best classes.")] = 1,
+            batch_size: BatchSize = 64, cache_dir: CacheDir = None, quiet: Quiet = True):
+    """Label image files with a fitted run (backbone + head), reusing cached features."""
+    from .predict import predict_files
+
+    if fmt not in ("text", "json", "csv"):
+        raise FeatureCacheError(f"--format {fmt}: use text, json or csv")
+    rows = predict_files(files, run, _cache(cache_dir), top=top, batch_size=batch_size, progress=not quiet,
+                         log=_log)
+    if fmt == "json":
+        print(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "label", "score", "score_kind"])
+        for r in rows:
+            w.writerow([r["file"], r["label"], f"{r['score']:.6g}", r["score_kind"]])
+        print(buf.getvalue(), end="")
+    else:
+        for r in rows:
+            extra = "  " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"]) if top > 1 else ""
+            print(f"{r['file']}\t{r['label']}\t{r['score']:.4f} ({r['score_kind']}){extra}")
+
+
+@app.command()
+def classify(files: Annotated[list[Path], typer.Argument(help="Image files.")],
+             top: Annotated[int, typer.Option("--top", help="How many classes.")] = 5,
+             model: Model = "efficientnet_lite0"):
+    """ImageNet top-k with EfficientNet-Lite0's offline weights: proof that the weights are real."""
+    from .classify import classify as run_classify
+
+    if model != "efficientnet_lite0":
+        raise FeatureCacheError(f"--model {model}: classify supports efficientnet_lite0 (offline ImageNet head)")
+    for path, preds in zip(files, run_classify([str(f) for f in files], top=top)):
+        print(path)
+        for idx, name, p in preds:
+            print(f"  {p:6.3f}  {idx:4d}  {name}")
+
+
+# ---- cache ------------------------------------------------------------------------------------------
+@cache_app.command("ls")
+def cache_ls(cache_dir: CacheDir = None, as_json: Json = False):
+    """Feature sets with their key parts, image count and size on disk."""
+    from .store import FeatureStore
+
+    rows = []
+    for fs in FeatureStore(_cache(cache_dir)).all():
+        k = fs.key
+        rows.append({"id": fs.id, "model": k["model"], "weights": k["weights"], "layer": k["layer"],
+                     "pool": k["pool"], "size": k["size"], "resize": k["resize"], "preprocess": k["preprocess"],
+                     "dims": fs.dims, "images": len(fs), "parts": len(fs.part_files()), "bytes": fs.disk_bytes(),
+                     "key": k})
+    text = "\n".join(f"{r['id']}  {r['model']:<18} {r['layer']:<22} {r['pool']:<7} {r['size']:>4}px "
+                     f"{r['resize']:<8} {r['preprocess']:<7} {r['weights']:<28} dims {r['dims']:>6} "
+                     f"images {r['images']:>7}  {r['bytes'] / 1e6:8.1f} MB" for r in rows) or "(empty)"
+    _emit(rows, as_json, text)
+
+
+@cache_app.command("rm")
+def cache_rm(set_ids: Annotated[list[str], typer.Argument(help="Feature-set ids (a unique prefix is enough).")],
+             cache_dir: CacheDir = None):
+    """Remove feature sets."""
+    from .store import FeatureStore
+
+    store = FeatureStore(_cache(cache_dir))
+    for sid in set_ids:
+        fs = store.find(sid)
+        store.remove(fs.id)
+        print(f"removed {fs.id}")
+
+
+@cache_app.command("verify")
+def cache_verify(set_ids: Annotated[Optional[list[str]], typer.Argument(help="Sets to check (default all).")] = None,
+                 cache_dir: CacheDir = None):
+    """Check every feature set's files: readable, right configuration, consistent shapes, no duplicates."""
+    from .store import FeatureStore
+    from .verify import verify_set
+
+    store = FeatureStore(_cache(cache_dir))
+    sets = [store.find(s) for s in set_ids] if set_ids else store.all()
+    bad = 0
+    for fs in sets:
+        problems = verify_set(fs)
+        bad += bool(problems)
+        print(f"{fs.id}: " + ("ok" if not problems else "; ".join(problems)))
+    if bad:
+        raise FeatureCacheError(f"{bad} feature set(s) damaged; remove them with `featurecache cache rm ID` "
+                                "and extract again")
+
+
+# ---- quickstart ----------------------------------------------------------------------------------
+@app.command()
+def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
+    """Extract real CNN codes of scikit-learn's digits offline, fit a linear SVM, print the results."""
+    from .fit import fit_head
+
+    cache = _cache(cache_dir)
+    opts = DataOptions("digits")
+    spec = FeatureSpec("vgg16", "hed-bsds", ("block4_pool",), "flatten", 32)
+    ds = opts.load()
+    t0 = time.perf_counter()
+    _, summary = extract_dataset(ds, spec, cache, progress=not quiet, log=_log)
+    record = fit_head(opts, spec, "linsvc", {}, "l2", None, [], cache, progress=False, log=_log,
+                      notes="quickstart")
+    m = record["metrics"]
+    print(f"featurecache quickstart: digits ({len(ds.train)} train / {len(ds.test)} test images, 8x8 upsized "
+          f"to {summary.size}x{summary.size})\n"
+          f"  features: vgg16 (hed-bsds, offline) {spec.layers[0]}, {summary.sets[0]['dims']} dims, "
+          f"{'cache hit' if summary.cache_hit else f'extracted {summary.computed} images'} in {summary.seconds:.1f} s\n"
+          f"  head: linsvc, fitted in {record['fit_seconds']:.2f} s\n"
+          f"  train accuracy {m['train_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f}\n"
+          f"  run {record['run_id']} saved in {record['run_dir']}\n"
+          f"  cache: {cache.resolve()} (run again: a cache hit)  total {time.perf_counter() - t0:.1f} s")
+
+
+def main() -> None:
+    """Entry point: user errors become one line and exit status 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except FeatureCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work is stored, rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort,):
+        sys.exit(1)
+    except Exception as e:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

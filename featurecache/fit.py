@@ -1,0 +1,75 @@
+"""Fitting: cached features -> head pipeline -> metrics -> a saved run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .api import DataOptions, dataset_features
+from .extract import FeatureSpec
+from .runs import evaluate, new_run_id, runs_dir, save_run, spec_dict
+
+
+def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, normalize: str, pca: int | None,
+             grid: list[str], cache_dir: Path, compute: bool = False, batch_size: int = 64,
+             progress: bool = True, notes: str = "", log=print) -> dict:
+    """Fit `head` on the cached features of `spec` for `data`; returns the saved run record."""
+    from . import heads
+
+    ds = data.load()
+    pipeline = heads.make_pipeline(head, _with_seed(heads, head, options, data.seed), normalize, pca)
+    search = heads.parse_grid(grid, pipeline) if grid else None
+    res, x_train, x_test = dataset_features(ds, spec, cache_dir, data, compute, batch_size, progress, log)
+    layer = res.layers[0]
+    t0 = time.perf_counter()
+    table = None
+    if search:
+        pipeline, table = heads.grid_search(pipeline, search, x_train, ds.train.labels, seed=data.seed)
+    else:
+        heads.fit_pipeline(pipeline, x_train, ds.train.labels)
+    fit_seconds = time.perf_counter() - t0
+    metrics = evaluate(pipeline, x_train, ds.train.labels, x_test, ds.test.labels, ds.class_names)
+    run_id = new_run_id(head)
+    features = f"{res.backbone.name}/{layer}/{res.pool} {res.size}px"
+    record = {
+        "data": ds.name, "data_options": vars(data), "dataset_fingerprint": ds.fingerprint(),
+        "n_train": len(ds.train), "n_test": len(ds.test), "class_names": list(ds.class_names),
+        "spec": spec_dict(spec), "model": res.backbone.name, "weights": res.weights.label, "layer": layer,
+        "size": res.size, "feature_set": res.set_ids[layer], "feature_key": res.keys[layer],
+        "features": features, "dims": int(x_train.shape[1]),
+        "head": head, "head_options": options, "normalize": normalize, "pca": pca,
+        "head_params": {k: repr(v) for k, v in pipeline.get_params(deep=True).items()
+                        if k.startswith("head__")},
+        "library": "featurecache" if head == "linsvc" else "scikit-learn",
+        "grid": [{"params": p, "mean": m, "std": s} for p, m, s in table] if table else None,
+        "fit_seconds": round(fit_seconds, 3), "notes": notes, "metrics": metrics,
+    }
+    folder = save_run(cache_dir, run_id, pipeline, record)
+    record.update(run_id=run_id, run_dir=str(folder))
+    return record
+
+
+def _with_seed(heads, head: str, options: dict, seed: int) -> dict:
+    """--seed is global (split, weights, head): pass it to the heads that take one."""
+    return dict(options, seed=seed) if "seed" in heads.HEADS[head].options and "seed" not in options else options
+
+
+def describe(record: dict) -> str:
+    m = record["metrics"]
+    names = record["class_names"]
+    width = max(8, max(len(n) for n in names) + 1)
+    lines = [f"run {record['run_id']}: {record['head']} on {record['features']} ({record['dims']} dims), "
+             f"{record['n_train']} train / {record['n_test']} test",
+             f"  fit {record['fit_seconds']:.2f} s   train accuracy {m['train_accuracy']:.4f}   "
+             f"test accuracy {m['test_accuracy']:.4f}"]
+    if record.get("grid"):
+        lines.append("  grid (mean CV accuracy on the train split):")
+        lines += [f"    {g['params']}  {g['mean']:.4f} ± {g['std']:.4f}" for g in record["grid"]]
+    lines.append(f"  {'class':<{width}} precision recall     f1  support")
+    for n in names:
+        c = m["per_class"][n]
+        lines.append(f"  {n:<{width}} {c['precision']:9.3f} {c['recall']:6.3f} {c['f1-score']:6.3f} {c['support']:8.0f}")
+    lines.append("  confusion matrix (rows true, columns predicted):")
+    lines += ["    " + " ".join(f"{v:5d}" for v in row) for row in m["confusion_matrix"]]
+    lines.append(f"  saved: {record['run_dir']} (confusion.png, head.joblib, run.json)")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Prediction: image files -> (cached or fresh) features -> a saved run's head -> labels and scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import FileImages
+from .errors import FeatureCacheError
+from .extract import FeatureSpec, extract
+from .runs import load_head
+from .store import FeatureStore
+
+
+def run_spec(record: dict) -> FeatureSpec:
+    """The run's feature options, with the size and layer it actually used pinned."""
+    spec = dict(record["spec"], size=record["size"], layers=(record["layer"],))
+    return FeatureSpec(**spec)
+
+
+def features_for_files(paths: list[Path], record: dict, cache_dir: Path, batch_size: int = 64,
+                       progress: bool = False, log=None) -> np.ndarray:
+    """Vectors of `paths` for the run's feature set; new images are computed and stored too."""
+    for p in paths:
+        if not Path(p).is_file():
+            raise FeatureCacheError(f"{p}: no such file")
+    files = FileImages([Path(p) for p in paths])
+    res, _ = extract([files], run_spec(record), cache_dir, batch_size=batch_size, progress=progress, log=log)
+    return FeatureStore(cache_dir).get(res.set_ids[record["layer"]]).gather(files.ids)
+
+
+def label_rows(names: list[str], pipeline, x: np.ndarray, class_names: list[str], top: int) -> list[dict]:
+    from .heads import scores
+
+    s = scores(pipeline, x)
+    rows = []
+    for name, row in zip(names, s.values):
+        order = np.argsort(-row)[:max(top, 1)]
+        rows.append({"file": name, "label": class_names[s.classes[order[0]]], "score": float(row[order[0]]),
+                     "score_kind": s.kind,
+                     "top": [{"label": class_names[s.classes[j]], "score": float(row[j])} for j in order]})
+    return rows
+
+
+def predict_files(paths: list[Path], run_id: str, cache_dir: Path, top: int = 1, batch_size: int = 64,
+                  progress: bool = False, log=None) -> list[dict]:
+    record, pipeline = load_head(cache_dir, run_id)
+    x = features_for_files(paths, record, cache_dir, batch_size, progress, log)
+    return label_rows([str(p) for p in paths], pipeline, x, record["class_names"], top)

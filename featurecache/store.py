@@ -1,0 +1,245 @@
+"""The feature store: one folder of immutable HDF5 parts per feature set.
+
+    <cache>/features/<set id>/meta.json        key parts, dims (written once, atomically)
+    <cache>/features/<set id>/part-*.h5        `ids` (N,) and `features` (N, D) float32
+
+Why parts and not one growing file: an HDF5 file being appended to is not crash-safe (a SIGKILL
+mid-write can leave its metadata unreadable). A part is written under a temporary name, flushed to
+disk, then renamed into place, so at any instant every visible part is complete and a rerun only
+redoes the part that was in flight. Readers need no lock: parts never change once visible. Writers
+of one set take its lock file, so two extractions of the same settings never duplicate work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import FeatureCacheError
+
+ID_DTYPE = "S32"  # 32 hex digits of an image content hash
+PART_BYTES = 32 << 20  # rows per part are chosen so a part holds about this much
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class _Part:
+    path: Path
+    ids: list[str]
+
+
+class FeatureSet:
+    """One (backbone, weights, layer, pool, size, ...) configuration's vectors, keyed by image id."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.id = folder.name
+        self._parts: list[_Part] | None = None
+        self._index: dict[str, tuple[int, int]] | None = None
+
+    # ---- metadata ----------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        path = self.folder / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise FeatureCacheError(f"{path}: unreadable feature-set metadata ({e}); "
+                                    f"remove the set with `featurecache cache rm {self.id}`") from e
+
+    @property
+    def key(self) -> dict:
+        return self.meta["key"]
+
+    @property
+    def dims(self) -> int:
+        return int(self.meta["dims"])
+
+    def part_files(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.h5"))
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    # ---- reading -----------------------------------------------------------------------------
+    def _open(self, path: Path) -> h5py.File:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise FeatureCacheError(
+                f"{path}: damaged feature file ({str(e).splitlines()[0][:100]}); run "
+                f"`featurecache cache verify {self.id}` and `featurecache cache rm {self.id}` to rebuild") from e
+        if f.attrs.get("set_id") != self.id or "ids" not in f or "features" not in f:
+            f.close()
+            raise FeatureCacheError(
+                f"{path}: written by another configuration than feature set {self.id}; "
+                f"remove it (or `featurecache cache rm {self.id}`) and extract again")
+        return f
+
+    def parts(self) -> list[_Part]:
+        if self._parts is None:
+            parts = []
+            for path in self.part_files():
+                with self._open(path) as f:
+                    parts.append(_Part(path, f["ids"][()].astype("U32").tolist()))
+            self._parts = parts
+        return self._parts
+
+    def index(self) -> dict[str, tuple[int, int]]:
+        """image id -> (part number, row). The first copy wins if a lock-less file system let two in."""
+        if self._index is None:
+            index: dict[str, tuple[int, int]] = {}
+            for p, part in enumerate(self.parts()):
+                for r, i in enumerate(part.ids):
+                    index.setdefault(i, (p, r))
+            self._index = index
+        return self._index
+
+    def __len__(self) -> int:
+        return len(self.index())
+
+    def refresh(self) -> None:
+        self._parts = self._index = None
+
+    def missing(self, ids: list[str]) -> list[int]:
+        """Positions in `ids` whose vectors are not stored."""
+        index = self.index()
+        return [k for k, i in enumerate(ids) if i not in index]
+
+    def gather(self, ids: list[str], out: np.ndarray | None = None) -> np.ndarray:
+        """Vectors for `ids` in that order, read part by part straight into one matrix."""
+        index = self.index()
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise FeatureCacheError(f"feature set {self.id} lacks {len(missing)} of {len(ids)} images; "
+                                    "run `featurecache extract` with the same options first")
+        if out is None:
+            out = np.empty((len(ids), self.dims), dtype=np.float32)
+        where = np.array([index[i] for i in ids], dtype=np.int64).reshape(-1, 2)
+        for p in np.unique(where[:, 0]):
+            dest = np.flatnonzero(where[:, 0] == p)
+            rows = where[dest, 1]
+            with self._open(self.parts()[p].path) as f:
+                # A part is small (about PART_BYTES): reading it whole beats h5py's fancy indexing.
+                out[dest] = f["features"][()][rows]
+        return out
+
+    # ---- writing -----------------------------------------------------------------------------
+    def rows_per_part(self) -> int:
+        return int(np.clip(PART_BYTES // (4 * max(self.dims, 1)), 64, 4096))
+
+    def append(self, ids: list[str], vectors: np.ndarray) -> None:
+        """Make `ids` durable: write a part under a temporary name, fsync, rename into place."""
+        if len(ids) == 0:
+            return
+        if vectors.shape != (len(ids), self.dims):
+            raise ValueError(f"vectors {vectors.shape} do not match {len(ids)} ids x {self.dims} dims")
+        name = f"part-{time.time_ns():020d}-{os.getpid()}"
+        tmp, final = self.folder / f".{name}.tmp", self.folder / f"{name}.h5"
+        with h5py.File(tmp, "w") as f:
+            f.attrs["set_id"] = self.id
+            f.create_dataset("ids", data=np.asarray(ids, dtype=ID_DTYPE))
+            f.create_dataset("features", data=np.asarray(vectors, dtype=np.float32))
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        if self._parts is not None:
+            self._parts.append(_Part(final, list(ids)))
+            for r, i in enumerate(ids):
+                self._index.setdefault(i, (len(self._parts) - 1, r))
+
+    @contextmanager
+    def lock(self, notify=None):
+        """Exclusive right to add parts to this set; waits (and says so) while another process has it."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.folder / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if notify:
+                notify(f"feature set {self.id} is being extracted by another process; waiting for it")
+            lock.acquire()
+        try:
+            for stale in self.folder.glob(".part-*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a killed writer; its rows were never visible
+            self.refresh()
+            yield self
+        finally:
+            lock.release()
+
+
+class FeatureStore:
+    """All feature sets under one cache folder."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = Path(cache_dir)
+        self.root = self.cache_dir / "features"
+
+    def open(self, set_id: str, key: dict, dims: int) -> FeatureSet:
+        """The set for `key`, created (metadata only) if new."""
+        folder = self.root / set_id
+        meta = folder / "meta.json"
+        if meta.is_file():
+            fs = FeatureSet(folder)
+            if fs.key != key or fs.dims != dims:
+                raise FeatureCacheError(f"{meta}: written by another configuration (key or dims differ); "
+                                        f"remove it with `featurecache cache rm {set_id}`")
+            return fs
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(meta, json.dumps({"id": set_id, "key": key, "dims": int(dims),
+                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        return FeatureSet(folder)
+
+    def get(self, set_id: str) -> FeatureSet | None:
+        folder = self.root / set_id
+        return FeatureSet(folder) if (folder / "meta.json").is_file() else None
+
+    def all(self) -> list[FeatureSet]:
+        if not self.root.is_dir():
+            return []
+        return [FeatureSet(p) for p in sorted(self.root.iterdir()) if (p / "meta.json").is_file()]
+
+    def find(self, prefix: str) -> FeatureSet:
+        hits = [s for s in self.all() if s.id.startswith(prefix)]
+        if len(hits) != 1:
+            what = "no" if not hits else "more than one"
+            raise FeatureCacheError(f"{what} feature set matches {prefix!r} in {self.root}; "
+                                    "see `featurecache cache ls`")
+        return hits[0]
+
+    def remove(self, set_id: str) -> None:
+        fs = self.find(set_id)
+        shutil.rmtree(fs.folder)

@@ -1,0 +1,108 @@
+"""Layer taps: which intermediate outputs of a backbone can become feature vectors.
+
+A `Tap` describes one tappable layer at one input size (name, output shape, channels, reduction),
+in the manner of timm's FeatureInfo. Pooling turns a tap's (H, W, C) map into a vector.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import versions
+from .backbones import Backbone
+from .errors import FeatureCacheError
+
+POOLS = ("flatten", "avg", "max")
+
+
+@dataclass(frozen=True)
+class Tap:
+    name: str
+    shape: tuple[int, ...]  # output shape for one image, e.g. (2, 2, 512)
+    reduction: int  # input size / output height (1 for vectors)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[-1]
+
+    def dims(self, pool: str) -> int:
+        return int(np.prod(self.shape)) if pool == "flatten" else self.channels
+
+
+def taps_of(model, size: int) -> list[Tap]:
+    """Every layer with one (H, W, C) or (C,) output, in graph order."""
+    out = []
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        shape = getattr(layer, "output", None)
+        shape = tuple(getattr(shape, "shape", ()) or ())[1:]
+        if len(shape) in (1, 3) and all(isinstance(d, int) and d > 0 for d in shape):
+            out.append(Tap(layer.name, shape, size // shape[0] if len(shape) == 3 else 1))
+    return out
+
+
+def _memo_path(backbone: Backbone, size: int, cache_dir: Path) -> Path:
+    return cache_dir / "taps" / f"{backbone.name}-{size}-keras{versions.version('keras')}.json"
+
+
+def remember(backbone: Backbone, size: int, cache_dir: Path, taps: list[Tap]) -> None:
+    memo = _memo_path(backbone, size, cache_dir)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps([asdict(t) for t in taps]))
+    os.replace(tmp, memo)
+
+
+def catalogue(backbone: Backbone, size: int, cache_dir: Path | None) -> list[Tap]:
+    """The taps of `backbone` at `size`, memoized on disk: they depend on architecture, not weights."""
+    backbone.check_size(size)
+    memo = _memo_path(backbone, size, cache_dir) if cache_dir else None
+    if memo and memo.is_file():
+        try:
+            return [Tap(t["name"], tuple(t["shape"]), t["reduction"]) for t in json.loads(memo.read_text())]
+        except (OSError, ValueError, KeyError):
+            pass  # rebuild below
+    from .backbones.build import build_model
+    from .backbones.weights import Weights
+
+    taps = taps_of(build_model(backbone, Weights("random", "catalogue"), size), size)
+    if cache_dir:
+        remember(backbone, size, cache_dir, taps)
+    return taps
+
+
+def default_layer(backbone: Backbone, size: int, cache_dir: Path | None) -> str:
+    return backbone.default_layer or catalogue(backbone, size, cache_dir)[-1].name
+
+
+def check_layers(backbone: Backbone, names: list[str], taps: list[Tap]) -> list[Tap]:
+    by_name = {t.name: t for t in taps}
+    for n in names:
+        if n not in by_name:
+            close = difflib.get_close_matches(n, by_name, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise FeatureCacheError(f"--layer {n}: {backbone.name} has no such layer; {hint}"
+                                    f"list them with `featurecache layers --model {backbone.name}`")
+    return [by_name[n] for n in names]
+
+
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise FeatureCacheError(f"--pool {pool}: unknown; use one of {', '.join(POOLS)}")
+    return pool
+
+
+def pool_maps(maps: np.ndarray, pool: str) -> np.ndarray:
+    """(N, H, W, C) -> (N, D) float32; vectors pass through."""
+    if maps.ndim == 2 or pool == "flatten":
+        return maps.reshape(len(maps), -1).astype(np.float32, copy=False)
+    if pool == "avg":
+        return maps.mean(axis=(1, 2), dtype=np.float32)
+    return maps.max(axis=(1, 2)).astype(np.float32, copy=False)

@@ -1,0 +1,121 @@
+import gzip
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_digit_folder
+from featurecache.datasets import FASHION_MNIST_DIR, load_dataset
+from featurecache.errors import FeatureCacheError
+
+
+def test_digits_is_split_stratified_and_8bit():
+    ds = load_dataset("digits", test_size=0.25, seed=0)
+    assert len(ds.train) + len(ds.test) == 1797
+    assert ds.class_names == tuple(str(i) for i in range(10))
+    assert set(np.unique(ds.test.labels)) == set(range(10))
+    img = ds.train.images.load(0)
+    assert img.shape == (8, 8, 3) and img.dtype == np.uint8 and img.max() > 200
+    assert ds.native_size() == 8
+
+
+def test_subsets_are_stratified_and_seeded():
+    a = load_dataset("digits", max_train=100, max_test=50, seed=3)
+    b = load_dataset("digits", max_train=100, max_test=50, seed=3)
+    assert len(a.train) == 100 and len(a.test) == 50
+    assert a.train.images.ids == b.train.images.ids
+    assert np.bincount(a.train.labels).min() >= 9
+
+
+def test_folder_of_class_subfolders(tmp_path):
+    write_digit_folder(tmp_path, 8)
+    ds = load_dataset(str(tmp_path), test_size=0.25)
+    assert ds.class_names == ("digit0", "digit1", "digit2")
+    assert len(ds.train) == 18 and len(ds.test) == 6
+    assert ds.train.images.load(0).shape == (8, 8, 3)
+
+
+def test_folder_with_train_and_test(tmp_path):
+    write_digit_folder(tmp_path / "train", 5)
+    write_digit_folder(tmp_path / "test", 2, offset=5)
+    ds = load_dataset(str(tmp_path))
+    assert len(ds.train) == 15 and len(ds.test) == 6
+    assert not set(ds.train.images.ids) & set(ds.test.images.ids)
+
+
+def test_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8), y_train=np.arange(20) % 2,
+             x_test=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8), y_test=np.arange(6) % 2,
+             class_names=np.array(["cat", "dog"]))
+    ds = load_dataset(str(p))
+    assert ds.class_names == ("cat", "dog") and len(ds.train) == 20 and ds.native_size() == 32
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 4, 4)))
+    with pytest.raises(FeatureCacheError, match="missing arrays"):
+        load_dataset(str(tmp_path / "bad.npz"))
+
+
+def _write_idx(path: Path, arr: np.ndarray):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_files_from_a_given_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 30), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 3)
+    ds = load_dataset("mnist", data_dir=str(tmp_path))
+    assert len(ds.train) == 30 and ds.native_size() == 28
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 99, 1])))
+    with pytest.raises(FeatureCacheError, match="truncated idx"):
+        load_dataset("mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_from_the_debian_package():
+    ds = load_dataset("fashion-mnist")
+    assert len(ds.train) == 60000 and len(ds.test) == 10000
+    assert ds.class_names[9] == "Ankle boot"
+    assert np.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+def _cifar_batch(n, seed):
+    rng = np.random.default_rng(seed)
+    return {b"batch_label": b"x", b"labels": (np.arange(n) % 10).tolist(),
+            b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"filenames": [b"f"] * n}
+
+
+def test_cifar10_python_version_archive(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(_cifar_batch(10, i)))
+    test_batch = _cifar_batch(10, 9)
+    (folder / "test_batch").write_bytes(pickle.dumps(test_batch))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    for where in (archive, folder, tmp_path):
+        ds = load_dataset("cifar10", data_dir=str(where))
+        assert len(ds.train) == 50 and len(ds.test) == 10 and ds.class_names[0] == "airplane"
+        # Row-major CHW planes become HWC pixels.
+        px = test_batch[b"data"][0]
+        assert (ds.test.images.load(0)[0, 0] == [px[0], px[1024], px[2048]]).all()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: None, "no such path"),
+    (lambda p: p.mkdir(), "no class subfolders"),
+    (lambda p: write_digit_folder(p, 4, classes=(1,)), "only one class"),
+])
+def test_bad_datasets_give_one_line(tmp_path, make, words):
+    target = tmp_path / "data"
+    make(target)
+    with pytest.raises(FeatureCacheError, match=words) as e:
+        load_dataset(str(target))
+    assert "\n" not in str(e.value)
