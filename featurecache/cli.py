@@ -282,7 +282,7 @@ def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
 
     cache = _cache(cache_dir)
     opts = DataOptions("digits")
-    spec = FeatureSpec("vgg16", "hed-bsds", ("block4_pool",), "flatten", 32)
+    spec = FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), "flatten", 32)
     ds = opts.load()
     t0 = time.perf_counter()
     _, summary = extract_dataset(ds, spec, cache, progress=not quiet, log=_log)
