@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,8 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache fol
                                                                       "$FEATURECACHE_DIR].")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+OnError = Annotated[str, typer.Option("--on-error", help="Unreadable images: fail (checks every image before "
+                                                         "any network work) | skip (leave them out, list them).")]
 
 
 def _cache(cache_dir: Optional[Path]) -> Path:
@@ -100,13 +101,15 @@ def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet
                 pool: Pool = "flatten", size: Size = None, resize: Resize = "nearest",
                 preprocess: Preprocess = "auto", batch_size: BatchSize = 64, cache_dir: CacheDir = None,
                 data_dir: DataDir = None, test_size: TestSize = 0.25, seed: Seed = 0,
-                max_train: MaxTrain = None, max_test: MaxTest = None, as_json: Json = False, quiet: Quiet = False):
+                max_train: MaxTrain = None, max_test: MaxTest = None, as_json: Json = False, quiet: Quiet = False,
+                on_error: OnError = "fail"):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
     opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
     ds = opts.load()
     spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed)
     cache = _cache(cache_dir)
-    _, summary = extract_dataset(ds, spec, cache, batch_size, progress=not quiet and not as_json, log=_log)
+    _, summary = extract_dataset(ds, spec, cache, batch_size, progress=not quiet and not as_json, log=_log,
+                                 on_error=on_error)
     out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(cache))
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
              f"{model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
@@ -114,6 +117,9 @@ def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet
     for s in summary.sets:
         lines.append(f"  {s['layer']:<24} set {s['id']}  dims {s['dims']:>6}  computed {s['computed']:>6}  "
                      f"reused {s['reused']:>6}")
+    if summary.skipped:
+        lines.append(f"skipped {len(summary.skipped)} unreadable image(s), left out of the feature set and of fit:")
+        lines += [f"  {s['reason']}" for s in summary.skipped]
     _emit(out, as_json, "\n".join(lines))
 
 
@@ -223,6 +229,41 @@ def classify(files: Annotated[list[Path], typer.Argument(help="Image files.")],
             print(f"  {p:6.3f}  {idx:4d}  {name}")
 
 
+@app.command("sweep")
+def sweep_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet",
+              layers: Annotated[str, typer.Option("--layers", help="all (each stage's output) or L1,L2,...")] = "all",
+              sizes: Annotated[Optional[str], typer.Option("--sizes", help="Input sizes, e.g. 32,64 "
+                                                                          "[default: the images' own].")] = None,
+              heads: Annotated[str, typer.Option("--heads", help="Heads to fit on each tap, e.g. linsvc,logreg.")] = "linsvc",
+              pool: Pool = "flatten", normalize: Annotated[str, typer.Option("--normalize")] = "l2",
+              batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
+              test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
+              plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG path [default: <cache>/sweep.png].")] = None,
+              as_json: Json = False, quiet: Quiet = False):
+    """Extract several taps (one pass per size), fit heads on each, and recommend a layer and size."""
+    from . import sweep as sweeps
+
+    cache = _cache(cache_dir)
+    opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
+    try:
+        size_list = [int(s) for s in sizes.split(",")] if sizes else [None]
+    except ValueError:
+        raise FeatureCacheError(f"--sizes {sizes}: give whole numbers separated by commas, e.g. 32,64") from None
+    rows = sweeps.sweep(opts, model, weights, layers, size_list, [h.strip() for h in heads.split(",")], pool,
+                        cache, normalize, batch_size, progress=not quiet and not as_json, log=_log)
+    path = sweeps.plot(rows, plot or cache / "sweep.png", f"{model} ({weights}) on {data}: test accuracy by layer")
+    advice = sweeps.recommend(rows)
+    if as_json:
+        print(json.dumps({"rows": rows, "recommendation": advice, "plot": str(path)}, indent=1))
+        return
+    print(f"{'layer':<24} {'size':>5} {'head':<8} {'dims':>7} {'fit s':>7} {'train':>7} {'test':>7}")
+    for r in rows:
+        print(f"{r['layer']:<24} {r['size']:>5} {r['head']:<8} {r['dims']:>7} {r['fit_seconds']:>7.2f} "
+              f"{r['train_accuracy']:>7.4f} {r['test_accuracy']:>7.4f}")
+    print(advice)
+    print(f"plot: {path}")
+
+
 # ---- cache ------------------------------------------------------------------------------------------
 @cache_app.command("ls")
 def cache_ls(cache_dir: CacheDir = None, as_json: Json = False):
@@ -255,23 +296,47 @@ def cache_rm(set_ids: Annotated[list[str], typer.Argument(help="Feature-set ids 
         print(f"removed {fs.id}")
 
 
-@cache_app.command("verify")
-def cache_verify(set_ids: Annotated[Optional[list[str]], typer.Argument(help="Sets to check (default all).")] = None,
-                 cache_dir: CacheDir = None):
-    """Check every feature set's files: readable, right configuration, consistent shapes, no duplicates."""
+VerifyData = Annotated[Optional[str], typer.Option("--data", help="Also recompute a few stored rows from this "
+                                                                  "dataset's images (same form as extract's).")]
+Sample = Annotated[int, typer.Option("--sample", help="Rows to recompute per set with --data.")]
+
+
+def _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test):
     from .store import FeatureStore
-    from .verify import verify_set
 
     store = FeatureStore(_cache(cache_dir))
     sets = [store.find(s) for s in set_ids] if set_ids else store.all()
-    bad = 0
-    for fs in sets:
-        problems = verify_set(fs)
-        bad += bool(problems)
-        print(f"{fs.id}: " + ("ok" if not problems else "; ".join(problems)))
+    ds = DataOptions(data, data_dir, test_size, seed, max_train, max_test).load() if data else None
+    return sets, ds
+
+
+@cache_app.command("verify")
+def cache_verify(set_ids: Annotated[Optional[list[str]], typer.Argument(help="Sets to check (default all).")] = None,
+                 cache_dir: CacheDir = None, data: VerifyData = None, sample: Sample = 8, data_dir: DataDir = None,
+                 test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None):
+    """Check feature sets: files readable, right configuration, shapes; with --data, recomputed rows match."""
+    from .verify import verify
+
+    sets, ds = _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test)
+    reports = [verify(fs, ds, sample, _cache(cache_dir)) for fs in sets]
+    for r in reports:
+        print(r.line())
+    bad = [r.set_id for r in reports if not r.ok]
     if bad:
-        raise FeatureCacheError(f"{bad} feature set(s) damaged; remove them with `featurecache cache rm ID` "
-                                "and extract again")
+        raise FeatureCacheError(f"{len(bad)} feature set(s) damaged; `featurecache cache repair {bad[0]}` moves "
+                                "damaged parts aside (the next extract recomputes their rows), `cache rm` removes a set")
+
+
+@cache_app.command("repair")
+def cache_repair(set_ids: Annotated[list[str], typer.Argument(help="Sets to repair.")], cache_dir: CacheDir = None,
+                 data: VerifyData = None, sample: Sample = 8, data_dir: DataDir = None, test_size: TestSize = 0.25,
+                 seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None):
+    """Move a set's damaged parts aside (into damaged/) so the next extract recomputes only their rows."""
+    from .verify import repair
+
+    sets, ds = _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test)
+    for fs in sets:
+        print(repair(fs, ds, sample, _cache(cache_dir), log=_log).line())
 
 
 # ---- quickstart ----------------------------------------------------------------------------------
@@ -297,6 +362,28 @@ def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
           f"  train accuracy {m['train_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f}\n"
           f"  run {record['run_id']} saved in {record['run_dir']}\n"
           f"  cache: {cache.resolve()} (run again: a cache hit)  total {time.perf_counter() - t0:.1f} s")
+
+
+# ---- serving --------------------------------------------------------------------------------------
+@app.command()
+def serve(run: Annotated[str, typer.Option("--run", help="Run id printed by `featurecache fit`.")],
+          host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the "
+                                                           "network.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port")] = 8000,
+          workers: Annotated[int, typer.Option("--workers", help="Processes, each with its own model "
+                                                                 "(1 batches best on few cores).")] = 1,
+          max_batch: Annotated[int, typer.Option("--max-batch", help="Images per forward pass.")] = 32,
+          max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to "
+                                                                          "fill.")] = 2.0,
+          max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Request size limit.")] = 20.0,
+          max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest image, in pixels.")] = 4096 * 4096,
+          cache_dir: CacheDir = None):
+    """Serve a fitted run over HTTP: POST /predict, GET /health, GET /info (OpenAPI at /docs)."""
+    from .serve import ServeOptions, serve as run_server
+
+    opts = ServeOptions(run, str(_cache(cache_dir)), max_batch, max_wait_ms, int(max_body_mb * (1 << 20)),
+                        max_pixels)
+    run_server(opts, host, port, workers)
 
 
 def main() -> None:

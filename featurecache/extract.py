@@ -7,7 +7,10 @@ killed run loses at most the part in flight.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,6 +100,18 @@ class Sources:
         k, j = self.where[position]
         return self.sources[k].name(j)
 
+    def checkable(self, position: int) -> bool:
+        return hasattr(self.sources[self.where[position][0]], "check")  # arrays cannot be unreadable
+
+    def check(self, position: int) -> str | None:
+        """Why the image does not decode, or None when it does."""
+        k, j = self.where[position]
+        try:
+            self.sources[k].check(j)
+        except FeatureCacheError as e:
+            return str(e)
+        return None
+
 
 @dataclass
 class Summary:
@@ -108,6 +123,7 @@ class Summary:
     seconds: float
     sets: list[dict]
     notices: list[str]
+    skipped: list[dict] = field(default_factory=list)  # {"id", "name", "reason"} of images left out
 
     @property
     def cache_hit(self) -> bool:
@@ -118,16 +134,27 @@ class Summary:
                 "computed": self.computed, "reused": self.images - self.computed,
                 "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.computed / self.seconds, 1) if self.computed else None,
-                "sets": self.sets, "notices": self.notices}
+                "sets": self.sets, "notices": self.notices, "skipped": self.skipped}
+
+
+ON_ERROR = ("fail", "skip")
 
 
 def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None = None,
-            batch_size: int = 64, progress: bool = True, log=None) -> tuple[Resolved, Summary]:
-    """Make sure every image of `sources` has a vector in every requested tap's feature set."""
+            batch_size: int = 64, progress: bool = True, log=None,
+            on_error: str = "fail") -> tuple[Resolved, Summary]:
+    """Make sure every image of `sources` has a vector in every requested tap's feature set.
+
+    Unreadable images: with on_error="fail" every image to compute is decoded first, and any
+    failure stops the run before the model is built; with "skip" they are left out, remembered in
+    the set (never retried: a fixed file has new bytes, hence a new id) and listed in the summary.
+    """
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if batch_size < 1:
         raise FeatureCacheError(f"--batch-size {batch_size}: must be at least 1")
+    if on_error not in ON_ERROR:
+        raise FeatureCacheError(f"--on-error {on_error}: use fail or skip")
     res = resolve(spec, native_size, cache_dir)
     for n in res.notices:
         log(f"notice: {n}")
@@ -139,19 +166,58 @@ def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None
         first.setdefault(i, pos)
     sets = {layer: store.get(res.set_ids[layer]) for layer in res.layers}
     need = {layer: (ids if fs is None else [ids[k] for k in fs.missing(ids)]) for layer, fs in sets.items()}
+    bad = _known_bad(sets, need)
+    todo = list(dict.fromkeys(i for n in need.values() for i in n))
+    if todo and on_error == "fail":
+        _fail_on_unreadable(src, [first[i] for i in todo], progress, log)
     computed = 0
-    if any(need.values()):
-        sets, computed = _compute(res, src, ids, first, sets, need, store, batch_size, progress, log)
+    if todo:
+        sets, computed, found = _compute(res, src, ids, first, sets, need, store, batch_size, progress, log,
+                                         on_error)
+        bad.update(found)
+        need = {layer: [i for i in n if i not in found] for layer, n in need.items()}
     report = []
     for layer in res.layers:
         fs = sets[layer]
         report.append({"layer": layer, "id": fs.id, "key": res.keys[layer], "dims": fs.dims,
                        "stored": len(fs), "computed": len(need[layer]), "reused": len(ids) - len(need[layer])})
+    skipped = [{"id": i, "name": src.name(first[i]), "reason": r} for i, r in bad.items() if i in first]
     return res, Summary(res.backbone.name, res.weights.label, res.size, len(ids), computed,
-                        time.perf_counter() - t0, report, res.notices)
+                        time.perf_counter() - t0, report, res.notices, skipped)
 
 
-def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_size, progress, log):
+def _known_bad(sets, need) -> dict[str, str]:
+    """Images a set already left out as unreadable: taken out of `need`, never retried."""
+    bad = {}
+    for layer, fs in sets.items():
+        skipped = fs.skipped() if fs is not None else {}
+        if skipped:
+            bad.update((i, skipped[i]) for i in need[layer] if i in skipped)
+            need[layer] = [i for i in need[layer] if i not in skipped]
+    return bad
+
+
+def _fail_on_unreadable(src: Sources, positions: list[int], progress: bool, log) -> None:
+    """Decode every image file to compute before any heavy work; one line naming the bad ones."""
+    positions = [p for p in positions if src.checkable(p)]
+    if not positions:
+        return
+    bar = _progress(len(positions), "checking images", progress and len(positions) >= 1000)
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
+        errors = []
+        for err in pool.map(src.check, positions):
+            errors.append(err)
+            bar.update(1)
+    bar.close()
+    bad = [e for e in errors if e]
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise FeatureCacheError(f"{len(bad)} unreadable image(s), nothing extracted: {' | '.join(bad[:5])}{more}; "
+                                "fix or remove them, or pass --on-error skip to leave them out")
+
+
+def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_size, progress, log, on_error):
+    """Run the network over what is missing; returns (sets, images computed, {id: why} left out)."""
     from contextlib import ExitStack
 
     from .backbones.build import build_model
@@ -164,7 +230,7 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
     with ExitStack() as stack:
         # Lock in id order so two processes wanting overlapping sets cannot deadlock.
         for tap in sorted(taps, key=lambda t: res.set_ids[t.name]):
-            fs = store.open(res.set_ids[tap.name], res.keys[tap.name], tap.dims(res.pool))
+            fs = store.open(res.set_ids[tap.name], res.keys[tap.name], tap.dims(res.pool), _provenance(res))
             sets[tap.name] = stack.enter_context(fs.lock(notify=log))
         # Another process may have stored some while we waited for the locks.
         for tap in taps:
@@ -173,53 +239,108 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
         taps = [t for t in taps if need[t.name]]
         if not taps:
             log("notice: another process computed these features meanwhile; nothing left to do")
-            return sets, 0
+            return sets, 0, {}
         todo_ids = list(dict.fromkeys(i for t in taps for i in need[t.name]))
         wanted = {t.name: set(need[t.name]) for t in taps}
         forward = _forward_fn(model, [t.name for t in taps])
         positions = [first[i] for i in todo_ids]
-        buffers = {t.name: ([], []) for t in taps}
+        # Per tap: [(ids, vectors) of each batch], and when the part being filled was started.
+        buffers = {t.name: ([], time.monotonic()) for t in taps}
+        bad: dict[str, str] = {}
 
         def flush(force=False):
             for t in taps:
-                bid, bvec = buffers[t.name]
-                if bid and (force or len(bid) >= sets[t.name].rows_per_part()):
-                    sets[t.name].append(bid, np.concatenate(bvec))
-                    buffers[t.name] = ([], [])
+                batches, since = buffers[t.name]
+                rows = sum(len(b[0]) for b in batches)
+                if rows and (force or sets[t.name].part_due(rows, time.monotonic() - since)):
+                    sets[t.name].append([i for b in batches for i in b[0]], np.concatenate([b[1] for b in batches]))
+                    buffers[t.name] = ([], time.monotonic())
 
         def prepare(chunk):
-            batch = np.stack([src.load(p, res.size, res.resize) for p in chunk])
-            return preprocess(batch, res.preprocess_mode)
+            """(positions that decoded, their preprocessed batch); a failure either stops or is skipped."""
+            ok, imgs = [], []
+            for p in chunk:
+                try:
+                    imgs.append(src.load(p, res.size, res.resize))
+                    ok.append(p)
+                except FeatureCacheError as e:
+                    if on_error == "fail":
+                        raise
+                    bad[src.ids[p]] = str(e)
+            return ok, (preprocess(np.stack(imgs), res.preprocess_mode) if imgs else None)
+
+        def remember_bad():
+            for t in taps:
+                sets[t.name].record_skipped({i: r for i, r in bad.items() if i in wanted[t.name]})
 
         bar = _progress(len(todo_ids), f"{res.backbone.name} {res.size}px -> {','.join(t.name for t in taps)}",
                         progress)
         chunks = [positions[k:k + batch_size] for k in range(0, len(positions), batch_size)]
         done = 0
         try:
-            with ThreadPoolExecutor(1) as pool:  # decode the next batch while the network runs
+            with _StopRequest() as stop, ThreadPoolExecutor(1) as pool:  # decode the next batch while the network runs
                 pending = pool.submit(prepare, chunks[0])
                 for c, chunk in enumerate(chunks):
-                    x = pending.result()
+                    if stop.requested:
+                        raise KeyboardInterrupt
+                    chunk, x = pending.result()
                     if c + 1 < len(chunks):
                         pending = pool.submit(prepare, chunks[c + 1])
+                    if not chunk:
+                        continue
                     outs = forward(x)
                     chunk_ids = [src.ids[p] for p in chunk]
                     for t, maps in zip(taps, outs):
                         vec = pool_maps(np.asarray(maps), res.pool)
                         keep = [k for k, i in enumerate(chunk_ids) if i in wanted[t.name]]
-                        buffers[t.name][0].extend(chunk_ids[k] for k in keep)
-                        buffers[t.name][1].append(vec[keep])
+                        buffers[t.name][0].append(([chunk_ids[k] for k in keep], vec[keep]))  # ids and rows at once
                     done += len(chunk)
                     bar.update(len(chunk))
                     flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (after the batch in flight), or a second one
             flush(force=True)  # keep every finished batch; the rerun starts after them
+            remember_bad()
             bar.close()
             raise FeatureCacheError(f"interrupted after {done} of {len(todo_ids)} images; they are stored, "
                                     "rerun the same command to continue") from None
+        except BaseException:
+            flush(force=True)  # any other failure (an image that stopped decoding, ...) keeps finished work too
+            raise
         flush(force=True)
+        remember_bad()
         bar.close()
-        return sets, len(todo_ids)
+        return sets, len(todo_ids) - len(bad), bad
+
+
+class _StopRequest:
+    """While the network runs, Ctrl-C or SIGTERM (a scheduler's stop, `kill`) asks to stop after the
+    batch in flight, so no signal lands half-way through buffering or writing a part; a second one
+    stops at once. Either way finished batches are saved. SIGKILL loses at most the part being filled."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _provenance(res: Resolved) -> dict:
+    """Where the weights came from, kept in meta.json so `cache verify --data` can rebuild the model."""
+    w = res.weights
+    return {"source": {"weights": w.label, "weights_path": str(w.path) if w.path else None, "seed": w.seed}}
 
 
 def _forward_fn(model, names: list[str]):
@@ -228,7 +349,10 @@ def _forward_fn(model, names: list[str]):
     import tensorflow as tf
 
     multi = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
-    call = tf.function(lambda x: multi(x, training=False), reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
+    def call(x):
+        return multi(x, training=False)
+
 
     def forward(x):
         out = call(tf.convert_to_tensor(x))

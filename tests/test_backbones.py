@@ -101,3 +101,16 @@ def test_hed_features_beat_random_features_on_fashion_mnist(cache):
         acc[weights] = head.score(x_test, ds.test.labels)
     assert acc["hed-bsds"] >= acc["random"] + 0.04, acc
     assert acc["hed-bsds"] > 0.78, acc
+
+
+def test_stage_lists_name_real_taps():
+    from featurecache.backbones.efficientnet_lite import stage_outputs as lite0_stages
+    from featurecache.sweep import stage_outputs
+    from featurecache.taps import catalogue
+
+    assert get_backbone("efficientnet_lite0").stages == lite0_stages()
+    vgg = get_backbone("vgg16")
+    names = [t.name for t in catalogue(vgg, 64, None)]
+    assert set(vgg.stages) <= set(names)
+    # The shape rule used for models without a list: one tap per resolution, deepest last.
+    assert stage_outputs(catalogue(get_backbone("mobilenetv2"), 64, None))[-1] == "out_relu"

