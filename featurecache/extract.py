@@ -242,7 +242,7 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
             return sets, 0, {}
         todo_ids = list(dict.fromkeys(i for t in taps for i in need[t.name]))
         wanted = {t.name: set(need[t.name]) for t in taps}
-        forward = _forward_fn(model, [t.name for t in taps])
+        forward = forward_fn(model, [t.name for t in taps])
         positions = [first[i] for i in todo_ids]
         # Per tap: [(ids, vectors) of each batch], and when the part being filled was started.
         buffers = {t.name: ([], time.monotonic()) for t in taps}
@@ -343,7 +343,7 @@ def _provenance(res: Resolved) -> dict:
     return {"source": {"weights": w.label, "weights_path": str(w.path) if w.path else None, "seed": w.seed}}
 
 
-def _forward_fn(model, names: list[str]):
+def forward_fn(model, names: list[str]):
     """A compiled `model(x, training=False)` returning the named taps' outputs as a list."""
     import keras
     import tensorflow as tf

@@ -27,7 +27,7 @@ def small():
 def count_forward_calls(monkeypatch):
     """Wrap the compiled forward pass so a test can count batches and models built."""
     calls = {"models": 0, "batches": 0}
-    real = extract_mod._forward_fn
+    real = extract_mod.forward_fn
 
     def wrapped(model, names):
         calls["models"] += 1
@@ -39,7 +39,7 @@ def count_forward_calls(monkeypatch):
 
         return counted
 
-    monkeypatch.setattr(extract_mod, "_forward_fn", wrapped)
+    monkeypatch.setattr(extract_mod, "forward_fn", wrapped)
     return calls
 
 
@@ -107,7 +107,7 @@ def test_folder_that_gains_ten_images_computes_only_those(tmp_path, cache):
 
 
 def test_interrupted_run_keeps_finished_batches_and_resumes(small, cache, monkeypatch):
-    real = extract_mod._forward_fn
+    real = extract_mod.forward_fn
 
     def dies_on_third_batch(model, names):
         fwd, n = real(model, names), {"k": 0}
@@ -120,10 +120,10 @@ def test_interrupted_run_keeps_finished_batches_and_resumes(small, cache, monkey
 
         return call
 
-    monkeypatch.setattr(extract_mod, "_forward_fn", dies_on_third_batch)
+    monkeypatch.setattr(extract_mod, "forward_fn", dies_on_third_batch)
     with pytest.raises(FeatureCacheError, match="interrupted after 20 of 90 images"):
         extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
-    monkeypatch.setattr(extract_mod, "_forward_fn", real)
+    monkeypatch.setattr(extract_mod, "forward_fn", real)
     _, s = extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
     assert s.computed == 70 and s.sets[0]["stored"] == 90
 
