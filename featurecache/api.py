@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,26 +59,33 @@ def spec_args(spec: FeatureSpec, layer: str | None = None) -> list[str]:
 
 
 def extract_dataset(ds: Dataset, spec: FeatureSpec, cache_dir: Path, batch_size: int = 64,
-                    progress: bool = True, log=None) -> tuple[Resolved, Summary]:
+                    progress: bool = True, log=None, on_error: str = "fail") -> tuple[Resolved, Summary]:
     return extract([ds.train.images, ds.test.images], spec, cache_dir, ds.native_size(),
-                   batch_size=batch_size, progress=progress, log=log)
+                   batch_size=batch_size, progress=progress, log=log, on_error=on_error)
 
 
 def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: DataOptions | None = None,
-                     compute: bool = False, batch_size: int = 64, progress: bool = True, log=None):
+                     compute: bool = False, batch_size: int = 64, progress: bool = True, log=None,
+                     on_error: str = "fail"):
     """(resolved, X_train, X_test) for the single tap of `spec`, from the cache.
 
     With compute=False a missing feature set is an error that quotes the extract command to run;
-    with compute=True the missing vectors are extracted first.
+    with compute=True the missing vectors are extracted first. Images the set left out as
+    unreadable (`extract --on-error skip`) are dropped from `ds` itself, so its labels stay aligned.
     """
     if len(spec.layers) > 1:
         raise FeatureCacheError("--layer: give one layer to fit on (extract accepts several)")
     if compute:
-        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log)
+        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log, on_error)
     else:
         res = resolve(spec, ds.native_size(), cache_dir)
     layer = res.layers[0]
     fs = FeatureStore(cache_dir).get(res.set_ids[layer])
+    dropped = ds.drop(fs.skipped()) if fs is not None else []
+    if dropped:
+        say = log or (lambda m: print(m, file=sys.stderr))
+        say(f"notice: left out {len(dropped)} unreadable image(s) that extraction skipped: "
+            + ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else ""))
     ids = ds.train.images.ids + ds.test.images.ids
     lacking = len(ids) if fs is None else len(fs.missing(ids))
     if lacking:

@@ -74,6 +74,10 @@ class FileImages:
     def load(self, index: int) -> np.ndarray:
         return images.load_file(self.paths[index])
 
+    def check(self, index: int) -> None:
+        """Raise the error `load` would, cheaply (run on every file before an extraction)."""
+        images.check_file(self.paths[index])
+
     def name(self, index: int) -> str:
         return str(self.paths[index])
 
@@ -115,6 +119,18 @@ class Dataset:
     def native_size(self) -> int | None:
         a, b = self.train.images.native_size(), self.test.images.native_size()
         return a if a == b else None
+
+    def drop(self, ids) -> list[str]:
+        """Leave images with these ids out of both splits, labels alongside, in place (so every holder
+        of this dataset agrees); returns the names of those dropped."""
+        ids, dropped = set(ids), []
+        for attr in ("train", "test"):
+            split = getattr(self, attr)
+            gone = [k for k, i in enumerate(split.images.ids) if i in ids]
+            if gone:
+                dropped += [split.images.name(k) for k in gone]
+                setattr(self, attr, split.subset(np.setdiff1d(np.arange(len(split)), gone)))
+        return dropped
 
 
 def load_dataset(spec: str, data_dir: str | None = None, test_size: float = 0.25, seed: int = 0,

@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder
@@ -47,6 +47,9 @@ from featurecache.errors import FeatureCacheError
 
 __all__ = [
     "HEADS",
+    "OPTIONS",
+    "Option",
+    "option_flag",
     "Head",
     "FastLinearSVC",
     "L2Normalizer",
@@ -435,8 +438,24 @@ def _solve_ovr(problem, tol_k, max_iter, rank, n_sample, verbose, eta=0.1, sub_r
     return W, n_iter, True
 
 
+def _subspace_rank(X, C):
+    """Rank of the warm-start/preconditioner subspace (0: plain Newton-CG, no subspace).
+
+    256 directions (384 for C > 1, where the Hessian is worse conditioned), at most n/8, and the
+    whole space when d + 1 fits (exact Newton) unless U = X~ V would then be a copy of X larger
+    than 64 MB. Sparse or very wide X: no subspace.
+    """
+    n, d = X.shape
+    if sp.issparse(X) or d > 16384:
+        return 0
+    rank = min(256 if C <= 1 else 384, max(64, n // 8))
+    if rank >= d + 1 and n * (d + 1) * 4 > 64 * 2**20:
+        rank = max(1, d // 2)
+    return min(rank, d + 1)
+
+
 class FastLinearSVC(ClassifierMixin, BaseEstimator):
-    """Linear SVM (squared hinge, L2 penalty, one-vs-rest) for dense float32 feature matrices.
+    """Linear SVM (squared hinge, L2 penalty, one-vs-rest), built for big dense float32 features.
 
     Solves exactly the problem of ``sklearn.svm.LinearSVC(penalty="l2", loss="squared_hinge",
     multi_class="ovr")``; for every class k (y = +1 for class k, -1 for the rest)::
@@ -527,7 +546,7 @@ class FastLinearSVC(ClassifierMixin, BaseEstimator):
         narrow, wide = _blas_thread_contexts()
         aug = _Augmented(X, s, wide)
         problem = _SquaredHingeOvR(aug, Y, self.C)
-        rank = 0 if sp.issparse(X) or d > 16384 else min(256 if self.C <= 1 else 384, d + 1, max(64, n // 8))
+        rank = _subspace_rank(X, self.C)
         with narrow():
             W, n_iter, converged = _solve_ovr(
                 problem, tol_k, int(self.max_iter), rank, 4096, self.verbose
@@ -711,7 +730,7 @@ OPTIONS: dict[str, Option] = {
         Option("alpha", "alpha", _positive_float,
                "regularisation strength (larger = stronger); for ridge about 1/(2C)"),
         Option("calibrate", None, _boolean,
-               "give probabilities: CalibratedClassifierCV(sigmoid, 3 folds); svc: probability=True"),
+               "give probabilities: CalibratedClassifierCV(sigmoid, 3 folds, ensemble=False)"),
     ]
 }
 
@@ -872,12 +891,12 @@ def make_head(name: str, options: dict | None = None) -> BaseEstimator:
             values[opt] = value
     estimator = head.build(values)
     if calibrate:
-        if head.name == "svc":
-            estimator.set_params(probability=True)
-        else:
-            from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.calibration import CalibratedClassifierCV
 
-            estimator = CalibratedClassifierCV(estimator, method="sigmoid", cv=3)
+        # Platt scaling fitted on 3-fold out-of-fold decision values, then one model refitted on
+        # all of the train split (ensemble=False): what SVC(probability=True) did before
+        # scikit-learn 1.9 deprecated it in favour of exactly this wrapper.
+        estimator = CalibratedClassifierCV(estimator, method="sigmoid", cv=3, ensemble=False)
     return estimator
 
 
@@ -992,8 +1011,8 @@ def parse_grid(specs, target=None, calibrate: bool = False) -> dict:
         out = {}
         for name, values in grid.items():
             _check_option(h, name, what=f"--grid {name}")
-            wrapped = calibrate and h.name != "svc"
-            out[("head__estimator__" if wrapped else "head__") + OPTIONS[name].param] = values
+            prefix = "head__estimator__" if calibrate else "head__"
+            out[prefix + OPTIONS[name].param] = values
         return out
     return _resolve_grid(target, grid)[0]
 
@@ -1050,8 +1069,8 @@ def grid_search(pipeline, grid: dict, X, y, cv: int = 3, seed: int = 0):
     cv = _positive_int("cv", cv)
     if cv < 2:
         raise FeatureCacheError(f"--cv must be at least 2, got {cv}")
-    check_train_labels(y, min_per_class=cv)
     resolved, names = _resolve_grid(pipeline, grid)
+    check_train_labels(y, min_per_class=cv)
     search = GridSearchCV(
         pipeline,
         resolved,

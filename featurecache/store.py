@@ -2,12 +2,17 @@
 
     <cache>/features/<set id>/meta.json        key parts, dims (written once, atomically)
     <cache>/features/<set id>/part-*.h5        `ids` (N,) and `features` (N, D) float32
+    <cache>/features/<set id>/skipped-*.json   images left out as unreadable (`--on-error skip`)
 
 Why parts and not one growing file: an HDF5 file being appended to is not crash-safe (a SIGKILL
 mid-write can leave its metadata unreadable). A part is written under a temporary name, flushed to
 disk, then renamed into place, so at any instant every visible part is complete and a rerun only
 redoes the part that was in flight. Readers need no lock: parts never change once visible. Writers
 of one set take its lock file, so two extractions of the same settings never duplicate work.
+
+A part is cut every `rows_per_part()` rows or `PART_SECONDS` seconds, whichever comes first, which
+bounds the work a SIGKILL can lose; FEATURECACHE_PART_ROWS and FEATURECACHE_PART_SECONDS override
+both (the chaos test uses tiny parts).
 """
 
 from __future__ import annotations
@@ -27,6 +32,28 @@ from .errors import FeatureCacheError
 
 ID_DTYPE = "S32"  # 32 hex digits of an image content hash
 PART_BYTES = 32 << 20  # rows per part are chosen so a part holds about this much
+PART_SECONDS = 30.0  # ... and a part is cut at least this often, so a kill loses at most this much work
+STALE_SECONDS = 600  # a temporary file this old is a killed writer's: no write takes that long
+PART_ROWS_ENV, PART_SECONDS_ENV = "FEATURECACHE_PART_ROWS", "FEATURECACHE_PART_SECONDS"
+
+
+def _env_number(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise FeatureCacheError(f"${name}={value!r}: not a number") from None
+    if number <= 0:
+        raise FeatureCacheError(f"${name}={value!r}: must be positive")
+    return number
+
+
+def _h5(path: Path, mode: str) -> h5py.File:
+    # HDF5's own file locks fail on NFS/Lustre mounts without lock support ("unable to lock file,
+    # errno = 38"); parts are immutable and writers hold our lock, so they add nothing here.
+    return h5py.File(path, mode, locking=False)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,13 +119,14 @@ class FeatureSet:
         return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
 
     # ---- reading -----------------------------------------------------------------------------
-    def _open(self, path: Path) -> h5py.File:
+    def open_part(self, path: Path) -> h5py.File:
         try:
-            f = h5py.File(path, "r")
+            f = _h5(path, "r")
         except OSError as e:
             raise FeatureCacheError(
                 f"{path}: damaged feature file ({str(e).splitlines()[0][:100]}); run "
-                f"`featurecache cache verify {self.id}` and `featurecache cache rm {self.id}` to rebuild") from e
+                f"`featurecache cache repair {self.id}` (moves damaged parts aside, the next extract "
+                f"recomputes their rows) or `featurecache cache rm {self.id}`") from e
         if f.attrs.get("set_id") != self.id or "ids" not in f or "features" not in f:
             f.close()
             raise FeatureCacheError(
@@ -110,7 +138,7 @@ class FeatureSet:
         if self._parts is None:
             parts = []
             for path in self.part_files():
-                with self._open(path) as f:
+                with self.open_part(path) as f:
                     parts.append(_Part(path, f["ids"][()].astype("U32").tolist()))
             self._parts = parts
         return self._parts
@@ -149,14 +177,41 @@ class FeatureSet:
         for p in np.unique(where[:, 0]):
             dest = np.flatnonzero(where[:, 0] == p)
             rows = where[dest, 1]
-            with self._open(self.parts()[p].path) as f:
+            with self.open_part(self.parts()[p].path) as f:
                 # A part is small (about PART_BYTES): reading it whole beats h5py's fancy indexing.
                 out[dest] = f["features"][()][rows]
         return out
 
     # ---- writing -----------------------------------------------------------------------------
     def rows_per_part(self) -> int:
-        return int(np.clip(PART_BYTES // (4 * max(self.dims, 1)), 64, 4096))
+        default = int(np.clip(PART_BYTES // (4 * max(self.dims, 1)), 64, 4096))
+        return max(1, int(_env_number(PART_ROWS_ENV, default)))
+
+    def part_due(self, rows: int, seconds: float) -> bool:
+        """Whether `rows` buffered over `seconds` should become a part now."""
+        if rows <= 0:
+            return False
+        return rows >= self.rows_per_part() or seconds >= _env_number(PART_SECONDS_ENV, PART_SECONDS)
+
+    # ---- images left out -----------------------------------------------------------------------
+    def skipped(self) -> dict[str, str]:
+        """image id -> why it was left out (`--on-error skip`); such ids are never recomputed."""
+        out: dict[str, str] = {}
+        for path in sorted(self.folder.glob("skipped-*.json")):
+            try:
+                out.update(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                raise FeatureCacheError(f"{path}: unreadable ({e}); remove it (its images are then "
+                                        "checked again by the next extract)") from e
+        return out
+
+    def record_skipped(self, reasons: dict[str, str]) -> None:
+        """Remember unreadable images in a new immutable file (no lock needed: the name is unique)."""
+        known = self.skipped() if reasons else {}
+        new = {i: r for i, r in reasons.items() if i not in known}
+        if new:
+            write_atomic(self.folder / f"skipped-{time.time_ns():020d}-{os.getpid()}.json",
+                         json.dumps(new, indent=0, sort_keys=True))
 
     def append(self, ids: list[str], vectors: np.ndarray) -> None:
         """Make `ids` durable: write a part under a temporary name, fsync, rename into place."""
@@ -166,7 +221,7 @@ class FeatureSet:
             raise ValueError(f"vectors {vectors.shape} do not match {len(ids)} ids x {self.dims} dims")
         name = f"part-{time.time_ns():020d}-{os.getpid()}"
         tmp, final = self.folder / f".{name}.tmp", self.folder / f"{name}.h5"
-        with h5py.File(tmp, "w") as f:
+        with _h5(tmp, "w") as f:
             f.attrs["set_id"] = self.id
             f.create_dataset("ids", data=np.asarray(ids, dtype=ID_DTYPE))
             f.create_dataset("features", data=np.asarray(vectors, dtype=np.float32))
@@ -181,24 +236,69 @@ class FeatureSet:
                 self._index.setdefault(i, (len(self._parts) - 1, r))
 
     @contextmanager
-    def lock(self, notify=None):
-        """Exclusive right to add parts to this set; waits (and says so) while another process has it."""
+    def lock(self, notify=None, wait: bool = True):
+        """Exclusive right to add parts to this set; waits (and says so) while another process has it.
+
+        `filelock` takes an flock(2) on `.lock`; the kernel drops it when its holder dies, so a killed
+        writer never blocks the next one. Where flock is missing (ENOSYS) filelock falls back to a
+        marker file holding the owner's pid and host, reclaimed once that process is provably gone.
+        """
+        import warnings
+
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(self.folder / ".lock"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if not wait:
+                    raise FeatureCacheError(f"feature set {self.id} is being extracted by another process; "
+                                            "wait for it to finish (or stop it) and try again") from None
+                if notify:
+                    notify(f"notice: feature set {self.id} is being extracted by another process; waiting for it")
+                lock.acquire()
+        if notify and any("SoftFileLock" in str(w.message) for w in caught):
+            notify(f"notice: {self.folder} does not support flock; locking with a marker file instead "
+                   "(a killed holder's marker is reclaimed only from the same host)")
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if notify:
-                notify(f"feature set {self.id} is being extracted by another process; waiting for it")
-            lock.acquire()
-        try:
-            for stale in self.folder.glob(".part-*.tmp"):
-                stale.unlink(missing_ok=True)  # left by a killed writer; its rows were never visible
+            if not (self.folder / "meta.json").is_file():
+                raise FeatureCacheError(f"feature set {self.id} was removed while this process waited for it; "
+                                        "run the command again")
+            self.remove_stale()
             self.refresh()
             yield self
         finally:
             lock.release()
+
+    def temp_files(self) -> list[Path]:
+        """Temporary files of writers (parts, metadata): invisible to readers, removed once stale."""
+        return sorted(self.folder.glob(".*.tmp*"))
+
+    def remove_stale(self, min_age: float = STALE_SECONDS) -> list[Path]:
+        """Delete temporary files a killed writer left. Age, not the lock, decides: on a file system
+        whose locks do not work across hosts (NFS mounted `nolock`) a live writer may hold one."""
+        gone = []
+        for tmp in self.temp_files():
+            try:
+                if time.time() - tmp.stat().st_mtime >= min_age:
+                    tmp.unlink()
+                    gone.append(tmp)
+            except FileNotFoundError:
+                pass  # its writer renamed it meanwhile
+        return gone
+
+    def move_aside(self, parts: list[Path]) -> Path:
+        """Take damaged parts out of the set (into damaged/, kept for inspection): their rows become
+        missing, so the next extract recomputes exactly them. Call under `lock()`."""
+        aside = self.folder / "damaged"
+        aside.mkdir(exist_ok=True)
+        for part in parts:
+            os.replace(part, aside / part.name)
+        _fsync_dir(self.folder)
+        self.refresh()
+        return aside
 
 
 class FeatureStore:
@@ -208,8 +308,9 @@ class FeatureStore:
         self.cache_dir = Path(cache_dir)
         self.root = self.cache_dir / "features"
 
-    def open(self, set_id: str, key: dict, dims: int) -> FeatureSet:
-        """The set for `key`, created (metadata only) if new."""
+    def open(self, set_id: str, key: dict, dims: int, extra: dict | None = None) -> FeatureSet:
+        """The set for `key`, created (metadata only) if new; `extra` is stored beside the key (where
+        the weights came from, so `cache verify --data` can rebuild the model)."""
         folder = self.root / set_id
         meta = folder / "meta.json"
         if meta.is_file():
@@ -219,7 +320,7 @@ class FeatureStore:
                                         f"remove it with `featurecache cache rm {set_id}`")
             return fs
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(meta, json.dumps({"id": set_id, "key": key, "dims": int(dims),
+        write_atomic(meta, json.dumps({"id": set_id, "key": key, "dims": int(dims), **(extra or {}),
                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
         return FeatureSet(folder)
 
@@ -230,7 +331,8 @@ class FeatureStore:
     def all(self) -> list[FeatureSet]:
         if not self.root.is_dir():
             return []
-        return [FeatureSet(p) for p in sorted(self.root.iterdir()) if (p / "meta.json").is_file()]
+        return [FeatureSet(p) for p in sorted(self.root.iterdir())
+                if not p.name.startswith(".") and (p / "meta.json").is_file()]
 
     def find(self, prefix: str) -> FeatureSet:
         hits = [s for s in self.all() if s.id.startswith(prefix)]
@@ -241,5 +343,12 @@ class FeatureStore:
         return hits[0]
 
     def remove(self, set_id: str) -> None:
+        """Delete a set, refusing while an extraction writes to it (it would fail half-way)."""
         fs = self.find(set_id)
-        shutil.rmtree(fs.folder)
+        for leftover in self.root.glob(".removing-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a `cache rm` killed half-way
+        with fs.lock(wait=False):
+            # Rename first: a reader then sees the whole set or nothing, never half of it.
+            doomed = fs.folder.with_name(f".removing-{fs.id}-{os.getpid()}")
+            os.replace(fs.folder, doomed)
+        shutil.rmtree(doomed)

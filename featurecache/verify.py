@@ -1,46 +1,243 @@
-"""Checking a feature set's files: what `featurecache cache verify` reports."""
+"""Checking a feature set's files: what `featurecache cache verify` and `cache repair` do.
+
+Two levels:
+- structure (always): metadata and key, every part readable, belonging to the set, with the set's
+  dims and finite values, no image stored twice;
+- values (`--data`): a few stored rows, spread over the parts, recomputed from the images of that
+  dataset and compared with what is stored. The store keeps image ids, not image paths, so the
+  images must be given again; this also proves the id -> vector pairing, not only the numbers.
+
+`repair` moves the parts found at fault into `<set>/damaged/`; their rows become missing, so the
+next `extract` recomputes exactly them.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .fingerprint import key_id
-from .store import FeatureSet
+from .errors import FeatureCacheError
+from .fingerprint import feature_key, key_id
+from .store import FeatureSet, _h5
+
+RTOL = 1e-4  # of a row's largest value; TF's CPU kernels move vectors by ~1e-6 with batch size or threads
+
+
+@dataclass
+class Problem:
+    text: str
+    part: Path | None = None  # the part at fault, which `repair` moves aside
+
+
+@dataclass
+class Report:
+    set_id: str
+    problems: list[Problem]
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        text = "ok" if self.ok else "; ".join(p.text for p in self.problems)
+        return f"{self.set_id}: {text}" + "".join(f" ({n})" for n in self.notes)
 
 
 def verify_set(fs: FeatureSet) -> list[str]:
     """Problems found in `fs` (empty when healthy): metadata, key, every part's structure, duplicates."""
-    problems = []
+    return [p.text for p in check_structure(fs)[0]]
+
+
+def check_structure(fs: FeatureSet) -> tuple[list[Problem], list[str]]:
+    """(problems, notes) of the set's files; notes are harmless (stale temporary files, parts set aside)."""
     try:
         meta = json.loads((fs.folder / "meta.json").read_text())
-        if key_id(meta["key"]) != fs.id:
-            problems.append(f"meta.json key hashes to {key_id(meta['key'])}, not the folder's id")
         dims = int(meta["dims"])
-    except (OSError, ValueError, KeyError) as e:
-        return [f"meta.json unreadable ({e})"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [Problem(f"meta.json unreadable ({e}); remove the set with `featurecache cache rm {fs.id}`")], []
+    problems = []
+    if key_id(meta.get("key", {})) != fs.id:
+        problems.append(Problem(f"meta.json key hashes to {key_id(meta.get('key', {}))}, not the folder's id"))
     seen: set[str] = set()
     duplicates = 0
     for path in fs.part_files():
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("set_id") != fs.id:
-                    problems.append(f"{path.name}: belongs to set {f.attrs.get('set_id')!r}")
-                    continue
-                ids, feats = f["ids"], f["features"]
-                if feats.ndim != 2 or feats.shape[1] != dims or len(ids) != feats.shape[0]:
-                    problems.append(f"{path.name}: shape {feats.shape} for {len(ids)} ids, expected (N, {dims})")
-                    continue
-                block = feats[()]
-                if not np.isfinite(block).all():
-                    problems.append(f"{path.name}: non-finite values")
-                for i in ids[()].astype("U32"):
-                    duplicates += i in seen
-                    seen.add(i)
-        except (OSError, KeyError) as e:
-            problems.append(f"{path.name}: unreadable ({str(e).splitlines()[0][:80]})")
+        problem, ids = _check_part(path, fs.id, dims)
+        if problem:
+            problems.append(Problem(f"{path.name}: {problem}", path))
+            continue
+        for i in ids:
+            duplicates += i in seen
+            seen.add(i)
+    try:
+        fs.skipped()
+    except FeatureCacheError as e:
+        problems.append(Problem(str(e)))
+    notes = _notes(fs)
     if duplicates:
-        problems.append(f"{duplicates} duplicated image ids across parts")
-    return problems
+        notes.append(f"{duplicates} image id(s) stored twice (a file system without working locks?); "
+                     "harmless, readers keep the first copy")
+    return problems, notes
+
+
+def _check_part(path: Path, set_id: str, dims: int) -> tuple[str | None, list[str]]:
+    """(what is wrong with one part or None, its ids)."""
+    try:
+        with _h5(path, "r") as f:
+            if f.attrs.get("set_id") != set_id:
+                return f"belongs to set {f.attrs.get('set_id')!r}", []
+            ids, feats = f["ids"], f["features"]
+            if feats.ndim != 2 or feats.shape[1] != dims or ids.shape != (feats.shape[0],):
+                return f"shape {feats.shape} for {ids.shape[0]} ids, expected (N, {dims})", []
+            if not np.isfinite(feats[()]).all():
+                return "non-finite values", []
+            return None, ids[()].astype("U32").tolist()
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        return f"unreadable ({str(e).splitlines()[0][:80]})", []
+
+
+def _notes(fs: FeatureSet) -> list[str]:
+    notes = []
+    if temps := fs.temp_files():
+        notes.append(f"{len(temps)} temporary file(s) of killed writers, invisible to readers; "
+                     "the next extract or `cache repair` removes them")
+    aside = fs.folder / "damaged"
+    if aside.is_dir() and any(aside.iterdir()):
+        notes.append(f"{len(list(aside.iterdir()))} damaged part(s) set aside in {aside}")
+    return notes
+
+
+# ---- values -----------------------------------------------------------------------------------
+def recompute_sample(fs: FeatureSet, ds, k: int, cache_dir: Path, bad_parts=(), seed: int = 0
+                     ) -> tuple[list[Problem], str]:
+    """Recompute up to `k` stored rows of images of `ds`, spread over the healthy parts."""
+    from .extract import Sources
+
+    src = Sources([ds.train.images, ds.test.images])
+    first = {}
+    for pos, i in enumerate(src.ids):
+        first.setdefault(i, pos)
+    picks = _pick_rows(fs, set(first), k, set(bad_parts), seed)
+    if not picks:
+        return [], f"no image of --data {ds.name} is stored in this set; values not checked"
+    forward, meta = _model_for(fs, cache_dir)
+    if forward is None:
+        return [], meta
+    key = fs.key
+    problems, worst, checked = [], 0.0, 0
+    for path, row, image_id in picks:
+        try:
+            img = src.load(first[image_id], key["size"], key["resize"])
+        except FeatureCacheError:
+            continue  # unreadable now: nothing to compare with
+        fresh = forward(img[None])[0]
+        with _h5(path, "r") as f:
+            stored = f["features"][row]
+        diff = float(np.abs(fresh - stored).max() / max(float(np.abs(stored).max()), 1e-12))
+        worst, checked = max(worst, diff), checked + 1
+        if diff > RTOL:
+            problems.append(Problem(f"{path.name}: stored vector of {src.name(first[image_id])} differs from a "
+                                    f"fresh computation (relative difference {diff:.2g})", path))
+    return problems, (f"recomputed {checked} rows from --data {ds.name}: largest relative difference "
+                      f"{worst:.2g} (tolerance {RTOL:g})")
+
+
+def _pick_rows(fs: FeatureSet, wanted: set[str], k: int, bad_parts: set[Path], seed: int):
+    """[(part, row, id)]: k stored rows whose images are in `wanted`, taken round-robin over parts."""
+    rng = np.random.default_rng(seed)
+    per_part = []
+    for path in fs.part_files():
+        if path in bad_parts:
+            continue
+        with _h5(path, "r") as f:
+            ids = f["ids"][()].astype("U32").tolist()
+        rows = [(path, r, i) for r, i in enumerate(ids) if i in wanted]
+        if rows:
+            per_part.append([rows[j] for j in rng.permutation(len(rows))])
+    order = rng.permutation(len(per_part)) if per_part else []
+    picks, depth = [], 0
+    while len(picks) < k and any(depth < len(p) for p in per_part):
+        picks += [per_part[j][depth] for j in order if depth < len(per_part[j])][:k - len(picks)]
+        depth += 1
+    return picks
+
+
+def _model_for(fs: FeatureSet, cache_dir: Path):
+    """(forward(uint8 batch) -> pooled vectors, "") for the set's key, or (None, why not)."""
+    from .backbones import get_backbone, preprocess
+    from .backbones.build import build_model
+    from .extract import forward_fn
+    from .taps import pool_maps
+
+    key, meta = fs.key, fs.meta
+    backbone = get_backbone(key["model"])
+    weights = _weights_for(backbone, key, meta.get("source", {}), cache_dir)
+    if weights is None:
+        return None, f"weights {key['weights']} not found again (a weights file moved or changed); values not checked"
+    now = feature_key(backbone.name, weights.id, key["layer"], key["pool"], key["size"], key["resize"],
+                      key["preprocess"], key["dtype"], key["precision"])
+    if now != key:
+        return None, "made with other library versions than installed now; values not checked"
+    fwd = forward_fn(build_model(backbone, weights, key["size"]), [key["layer"]])
+
+    def forward(batch):
+        return pool_maps(np.asarray(fwd(preprocess(batch, key["preprocess"]))[0]), key["pool"])
+
+    return forward, ""
+
+
+def _weights_for(backbone, key: dict, source: dict, cache_dir: Path):
+    """The weights whose id the key records, from meta.json's source or guessed from the id."""
+    from .backbones.weights import resolve_weights
+
+    wid = key["weights"]
+    seed = source.get("seed")
+    if seed is None:
+        m = re.match(r"random-seed(\d+)-", wid)
+        seed = int(m.group(1)) if m else 0
+    guesses = [source.get("weights"), source.get("weights_path"), wid.split("-")[0], wid.rsplit("-", 1)[0]]
+    for option in dict.fromkeys(g for g in guesses if g):
+        try:
+            w = resolve_weights(backbone, option, seed, cache_dir)
+        except FeatureCacheError:
+            continue
+        if w.id == wid:
+            return w
+    return None
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def verify(fs: FeatureSet, ds=None, k: int = 8, cache_dir: Path | None = None) -> Report:
+    problems, notes = check_structure(fs)
+    if ds is not None and k > 0 and not any(p.part is None for p in problems):
+        found, note = recompute_sample(fs, ds, k, cache_dir or fs.folder.parents[1],
+                                       bad_parts={p.part for p in problems})
+        problems += found
+        notes.append(note)
+    elif ds is not None:
+        notes.append("values not checked: fix the problems above first")
+    return Report(fs.id, problems, notes)
+
+
+def repair(fs: FeatureSet, ds=None, k: int = 8, cache_dir: Path | None = None, log=print) -> Report:
+    """Verify, then (under the set's lock) move damaged parts aside and delete temporary files."""
+    with fs.lock(notify=log):
+        report = verify(fs, ds, k, cache_dir)
+        unfixable = [p for p in report.problems if p.part is None]
+        if unfixable:
+            raise FeatureCacheError(f"{fs.id}: {unfixable[0].text}; repair cannot fix this, "
+                                    f"remove the set with `featurecache cache rm {fs.id}` and extract again")
+        parts = list(dict.fromkeys(p.part for p in report.problems if p.part is not None))
+        temps = fs.remove_stale(min_age=0)  # we hold the lock: no writer of ours is mid-write
+        actions = []
+        if parts:
+            aside = fs.move_aside(parts)
+            actions.append(f"moved {len(parts)} damaged part(s) to {aside}; the next extract recomputes their rows")
+        if temps:
+            actions.append(f"removed {len(temps)} temporary file(s)")
+        return Report(fs.id, [], actions or ["nothing to repair"])
