@@ -27,6 +27,8 @@ translated ``C``; to compare with the ``C`` of the hinge/logistic heads, ``alpha
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
 import numbers
 import time
@@ -735,50 +737,15 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-def _fast_linear_svc(**params):
-    return FastLinearSVC(**params)
+def _sklearn(path: str, **params):
+    """Build ``sklearn.<module>.<Class>(**params)``, importing on first use: listing the heads
+    should not pay for importing every estimator module."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**params)
 
 
-def _svc(**params):
-    from sklearn.svm import SVC
-
-    return SVC(**params)
-
-
-def _logreg(**params):
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(**params)
-
-
-def _mlp(**params):
-    from sklearn.neural_network import MLPClassifier
-
-    return MLPClassifier(**params)
-
-
-def _ridge(**params):
-    from sklearn.linear_model import RidgeClassifier
-
-    return RidgeClassifier(**params)
-
-
-def _sgd(**params):
-    from sklearn.linear_model import SGDClassifier
-
-    return SGDClassifier(**params)
-
-
-def _knn(**params):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    return KNeighborsClassifier(**params)
-
-
-def _rf(**params):
-    from sklearn.ensemble import RandomForestClassifier
-
-    return RandomForestClassifier(**params)
+def _lazy(path: str) -> Callable[..., BaseEstimator]:
+    return functools.partial(_sklearn, path)
 
 
 @dataclass(frozen=True)
@@ -816,21 +783,25 @@ HEADS: dict[str, Head] = _Registry({
     h.name: h
     for h in [
         Head("linsvc", "linear SVM, squared hinge, one-vs-rest (FastLinearSVC: LinearSVC's "
-             "optimum, float32 BLAS)", _fast_linear_svc, ("C", "max_iter", "calibrate")),
+             "optimum, float32 BLAS)", FastLinearSVC, ("C", "max_iter", "calibrate")),
         Head("svc", "kernel SVM (sklearn SVC, libsvm); slow beyond ~20k samples",
-             _svc, ("C", "kernel", "gamma", "max_iter", "seed", "calibrate"),
+             _lazy("sklearn.svm.SVC"), ("C", "kernel", "gamma", "max_iter", "seed", "calibrate"),
              defaults=(("random_state", 0),)),
-        Head("logreg", "multinomial logistic regression (lbfgs)", _logreg, ("C", "max_iter"),
+        Head("logreg", "multinomial logistic regression (lbfgs)",
+             _lazy("sklearn.linear_model.LogisticRegression"), ("C", "max_iter"),
              fixed=(("solver", "lbfgs"),)),
-        Head("mlp", "multi-layer perceptron (adam)", _mlp,
+        Head("mlp", "multi-layer perceptron (adam)", _lazy("sklearn.neural_network.MLPClassifier"),
              ("hidden", "max_iter", "seed", "alpha"), defaults=(("random_state", 0),)),
         Head("ridge", "ridge regression on +-1 targets (RidgeClassifier); --alpha ~ 1/(2C)",
-             _ridge, ("alpha", "calibrate")),
-        Head("sgd", "linear SVM by stochastic gradient descent (hinge)", _sgd,
+             _lazy("sklearn.linear_model.RidgeClassifier"), ("alpha", "calibrate")),
+        Head("sgd", "linear SVM by stochastic gradient descent (hinge)",
+             _lazy("sklearn.linear_model.SGDClassifier"),
              ("alpha", "max_iter", "seed", "calibrate"), fixed=(("loss", "hinge"),),
              defaults=(("random_state", 0), ("n_jobs", -1))),
-        Head("knn", "k nearest neighbours", _knn, ("k",), defaults=(("n_jobs", -1),)),
-        Head("rf", "random forest", _rf, ("n_estimators", "max_depth", "seed"),
+        Head("knn", "k nearest neighbours", _lazy("sklearn.neighbors.KNeighborsClassifier"), ("k",),
+             defaults=(("n_jobs", -1),)),
+        Head("rf", "random forest", _lazy("sklearn.ensemble.RandomForestClassifier"),
+             ("n_estimators", "max_depth", "seed"),
              defaults=(("random_state", 0), ("n_jobs", -1))),
     ]
 })

@@ -106,22 +106,26 @@ def test_folder_that_gains_ten_images_computes_only_those(tmp_path, cache):
     assert s2.images == 40 and s2.computed == 10
 
 
-def test_interrupted_run_keeps_finished_batches_and_resumes(small, cache, monkeypatch):
+@pytest.mark.parametrize("exc, expected", [
+    (KeyboardInterrupt, (FeatureCacheError, "interrupted after 20 of 90 images")),  # Ctrl-C: one-line error
+    (RuntimeError("disk on fire"), (RuntimeError, "disk on fire")),  # any other failure propagates
+])
+def test_failed_run_keeps_finished_batches_and_resumes(small, cache, monkeypatch, exc, expected):
     real = extract_mod.forward_fn
 
-    def dies_on_third_batch(model, names):
+    def fails_on_third_batch(model, names):
         fwd, n = real(model, names), {"k": 0}
 
         def call(x):
             n["k"] += 1
             if n["k"] == 3:
-                raise KeyboardInterrupt
+                raise exc
             return fwd(x)
 
         return call
 
-    monkeypatch.setattr(extract_mod, "forward_fn", dies_on_third_batch)
-    with pytest.raises(FeatureCacheError, match="interrupted after 20 of 90 images"):
+    monkeypatch.setattr(extract_mod, "forward_fn", fails_on_third_batch)
+    with pytest.raises(expected[0], match=expected[1]):
         extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
     monkeypatch.setattr(extract_mod, "forward_fn", real)
     _, s = extract_dataset(small, SPEC, cache, batch_size=10, progress=False)

@@ -157,28 +157,6 @@ FeatureStore(Path({str(tmp_path)!r})).open({key_id(key)!r}, {key!r}, 4)
     assert fs.temp_files() == []
 
 
-def test_any_failure_mid_run_keeps_finished_batches(small, cache, monkeypatch):
-    real = extract_mod.forward_fn
-
-    def fails_on_third_batch(model, names):
-        fwd, n = real(model, names), {"k": 0}
-
-        def call(x):
-            n["k"] += 1
-            if n["k"] == 3:
-                raise RuntimeError("disk on fire")
-            return fwd(x)
-
-        return call
-
-    monkeypatch.setattr(extract_mod, "forward_fn", fails_on_third_batch)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
-    monkeypatch.setattr(extract_mod, "forward_fn", real)
-    _, s = extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
-    assert s.computed == 70 and s.sets[0]["stored"] == 90
-
-
 def test_parts_are_cut_by_rows_or_by_time(small, cache, monkeypatch):
     monkeypatch.setenv("FEATURECACHE_PART_ROWS", "25")
     _, s = extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
