@@ -14,12 +14,17 @@ from pathlib import Path
 
 from .datasets import Dataset, load_dataset
 from .errors import FeatureCacheError
-from .extract import FeatureSpec, Resolved, Summary, extract, resolve
+from .extract import FeatureSpec, Resolved, Summary, calibrated, extract, resolve
 from .store import FeatureStore
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FEATURECACHE_DIR", "cache"))
+
+
+def default_engine() -> str:
+    """--engine's default: auto (the fastest installed engine), or $FEATURECACHE_ENGINE."""
+    return os.environ.get("FEATURECACHE_ENGINE", "auto")
 
 
 @dataclass(frozen=True)
@@ -52,21 +57,23 @@ def spec_args(spec: FeatureSpec, layer: str | None = None) -> list[str]:
         out += ["--layer", name]
     defaults = FeatureSpec(spec.model)
     for flag, attr in (("--pool", "pool"), ("--size", "size"), ("--resize", "resize"),
-                       ("--preprocess", "preprocess")):
+                       ("--preprocess", "preprocess"), ("--precision", "precision")):
         if getattr(spec, attr) != getattr(defaults, attr):
             out += [flag, str(getattr(spec, attr))]
     return out
 
 
 def extract_dataset(ds: Dataset, spec: FeatureSpec, cache_dir: Path, batch_size: int = 64,
-                    progress: bool = True, log=None, on_error: str = "fail") -> tuple[Resolved, Summary]:
+                    progress: bool = True, log=None, on_error: str = "fail",
+                    engine: str | None = None) -> tuple[Resolved, Summary]:
     return extract([ds.train.images, ds.test.images], spec, cache_dir, ds.native_size(),
-                   batch_size=batch_size, progress=progress, log=log, on_error=on_error)
+                   batch_size=batch_size, progress=progress, log=log, on_error=on_error,
+                   engine=engine or default_engine())
 
 
 def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: DataOptions | None = None,
                      compute: bool = False, batch_size: int = 64, progress: bool = True, log=None,
-                     on_error: str = "fail"):
+                     on_error: str = "fail", engine: str | None = None):
     """(resolved, X_train, X_test) for the single tap of `spec`, from the cache.
 
     With compute=False a missing feature set is an error that quotes the extract command to run;
@@ -75,8 +82,9 @@ def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: Data
     """
     if len(spec.layers) > 1:
         raise FeatureCacheError("--layer: give one layer to fit on (extract accepts several)")
+    spec = calibrated(spec, ds.train.images.ids)
     if compute:
-        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log, on_error)
+        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log, on_error, engine)
     else:
         res = resolve(spec, ds.native_size(), cache_dir)
     layer = res.layers[0]
@@ -100,11 +108,17 @@ def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: Data
 def load_features(data: str = "digits", model: str = "vgg16", weights: str = "hed-bsds",
                   layer: str | None = None, pool: str = "flatten", size: int | None = None,
                   resize: str = "nearest", preprocess: str = "auto", extract: bool = True,
-                  cache_dir: str | Path | None = None, progress: bool = True, **data_options):
-    """(X_train, y_train, X_test, y_test, class_names) of one tap, extracting what is missing."""
+                  cache_dir: str | Path | None = None, progress: bool = True, engine: str | None = None,
+                  precision: str = "float32", **data_options):
+    """(X_train, y_train, X_test, y_test, class_names) of one tap, extracting what is missing.
+
+    engine: auto | tensorflow | onnxruntime | openvino (what runs the network; same vectors);
+    precision: float32 | int8 (int8 is a different feature set, calibrated on the training images).
+    """
     opts = DataOptions(data, **data_options)
     ds = opts.load()
-    spec = FeatureSpec(model, weights, (layer,) if layer else (), pool, size, resize, preprocess)
+    spec = FeatureSpec(model, weights, (layer,) if layer else (), pool, size, resize, preprocess,
+                       precision=precision)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    _, x_train, x_test = dataset_features(ds, spec, cache, opts, compute=extract, progress=progress)
+    _, x_train, x_test = dataset_features(ds, spec, cache, opts, compute=extract, progress=progress, engine=engine)
     return x_train, ds.train.labels, x_test, ds.test.labels, list(ds.class_names)

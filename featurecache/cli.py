@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .api import DataOptions, dataset_features, default_cache_dir, extract_dataset
+from .api import DataOptions, dataset_features, default_cache_dir, default_engine, extract_dataset
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
 
@@ -43,6 +43,11 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache fol
                                                                       "$FEATURECACHE_DIR].")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Engine = Annotated[Optional[str], typer.Option("--engine", help="auto (the fastest installed) | tensorflow | "
+                                                               "onnxruntime | openvino; same vectors, same cache "
+                                                               "[default: auto or $FEATURECACHE_ENGINE].")]
+Precision = Annotated[str, typer.Option("--precision", help="float32 | int8 (post-training quantisation calibrated "
+                                                            "on your training images; a separate feature set).")]
 OnError = Annotated[str, typer.Option("--on-error", help="Unreadable images: fail (checks every image before "
                                                          "any network work) | skip (leave them out, list them).")]
 
@@ -102,18 +107,19 @@ def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet
                 preprocess: Preprocess = "auto", batch_size: BatchSize = 64, cache_dir: CacheDir = None,
                 data_dir: DataDir = None, test_size: TestSize = 0.25, seed: Seed = 0,
                 max_train: MaxTrain = None, max_test: MaxTest = None, as_json: Json = False, quiet: Quiet = False,
-                on_error: OnError = "fail"):
+                on_error: OnError = "fail", engine: Engine = None, precision: Precision = "float32"):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
     opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
     ds = opts.load()
-    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed)
+    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed, precision)
     cache = _cache(cache_dir)
     _, summary = extract_dataset(ds, spec, cache, batch_size, progress=not quiet and not as_json, log=_log,
-                                 on_error=on_error)
+                                 on_error=on_error, engine=engine)
     out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(cache))
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
              f"{model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
-             + (f", {out['images_per_second']} images/s" if summary.computed else "")]
+             + (f", {out['images_per_second']} images/s on {summary.engine}" if summary.computed else "")
+             + (", int8" if precision == "int8" else "")]
     for s in summary.sets:
         lines.append(f"  {s['layer']:<24} set {s['id']}  dims {s['dims']:>6}  computed {s['computed']:>6}  "
                      f"reused {s['reused']:>6}")
@@ -121,6 +127,21 @@ def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet
         lines.append(f"skipped {len(summary.skipped)} unreadable image(s), left out of the feature set and of fit:")
         lines += [f"  {s['reason']}" for s in summary.skipped]
     _emit(out, as_json, "\n".join(lines))
+
+
+@app.command("plan")
+def plan_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet", layer: Layers = None,
+             pool: Pool = "flatten", size: Size = None, resize: Resize = "nearest", preprocess: Preprocess = "auto",
+             batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
+             test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
+             engine: Engine = None, precision: Precision = "float32", as_json: Json = False):
+    """Before extracting: images to compute after the cache, expected time (short measured warm-up), disk size."""
+    from .plan import describe, plan
+
+    ds = DataOptions(data, data_dir, test_size, seed, max_train, max_test).load()
+    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed, precision)
+    out = plan(ds, spec, _cache(cache_dir), engine or default_engine(), batch_size, log=_log)
+    _emit(dict(out, dataset=ds.name), as_json, describe(out))
 
 
 # ---- heads ------------------------------------------------------------------------------------------
@@ -146,17 +167,17 @@ def fit(data: Data, head: Annotated[str, typer.Option("--head", help="linsvc | s
         batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
         test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
         notes: Annotated[str, typer.Option("--notes", help="Free text stored with the run.")] = "",
-        as_json: Json = False, quiet: Quiet = False):
+        as_json: Json = False, quiet: Quiet = False, engine: Engine = None, precision: Precision = "float32"):
     """Fit a head on cached features, evaluate it, save it as a run and add it to the ledger."""
     from .fit import fit_head
 
     opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
-    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed)
+    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed, precision)
     options = {"C": C, "kernel": kernel, "hidden": hidden, "max_iter": max_iter, "max_depth": max_depth,
                "k": k, "calibrate": calibrate or None}
     record = fit_head(opts, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
                       grid or [], _cache(cache_dir), compute=do_extract, batch_size=batch_size,
-                      progress=not quiet and not as_json, notes=notes, log=_log)
+                      progress=not quiet and not as_json, notes=notes, log=_log, engine=engine)
     m = record["metrics"]
     if as_json:
         print(json.dumps({k: record[k] for k in ("run_id", "head", "features", "dims", "fit_seconds", "n_train",
@@ -191,14 +212,14 @@ def predict(files: Annotated[list[Path], typer.Argument(help="Image files.")],
             run: Annotated[str, typer.Option("--run", help="Run id printed by `featurecache fit`.")],
             fmt: Annotated[str, typer.Option("--format", help="text | json | csv.")] = "text",
             top: Annotated[int, typer.Option("--top", help="Also list the K best classes.")] = 1,
-            batch_size: BatchSize = 64, cache_dir: CacheDir = None, quiet: Quiet = True):
+            batch_size: BatchSize = 64, cache_dir: CacheDir = None, quiet: Quiet = True, engine: Engine = None):
     """Label image files with a fitted run (backbone + head), reusing cached features."""
     from .predict import predict_files
 
     if fmt not in ("text", "json", "csv"):
         raise FeatureCacheError(f"--format {fmt}: use text, json or csv")
     rows = predict_files(files, run, _cache(cache_dir), top=top, batch_size=batch_size, progress=not quiet,
-                         log=_log)
+                         log=_log, engine=engine or default_engine())
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -377,12 +398,12 @@ def serve(run: Annotated[str, typer.Option("--run", help="Run id printed by `fea
                                                                           "fill.")] = 2.0,
           max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Request size limit.")] = 20.0,
           max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest image, in pixels.")] = 4096 * 4096,
-          cache_dir: CacheDir = None):
+          cache_dir: CacheDir = None, engine: Engine = None):
     """Serve a fitted run over HTTP: POST /predict, GET /health, GET /info (OpenAPI at /docs)."""
     from .serve import ServeOptions, serve as run_server
 
     opts = ServeOptions(run, str(_cache(cache_dir)), max_batch, max_wait_ms, int(max_body_mb * (1 << 20)),
-                        max_pixels)
+                        max_pixels, engine or default_engine())
     run_server(opts, host, port, workers)
 
 

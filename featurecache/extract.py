@@ -21,6 +21,7 @@ import numpy as np
 from . import images as imagelib
 from .backbones import Backbone, get_backbone, preprocess, preprocess_mode
 from .backbones.weights import Weights, resolve_weights
+from .engines import choose, precision_key
 from .errors import FeatureCacheError
 from .fingerprint import feature_key, key_id
 from .store import FeatureSet, FeatureStore
@@ -40,6 +41,23 @@ class FeatureSpec:
     resize: str = "nearest"
     preprocess: str = "auto"
     seed: int = 0  # of random weights
+    precision: str = "float32"  # or int8: a different feature set
+    calibration: str = ""  # int8 only: id of the training-image sample it was calibrated on (`calibrated`)
+
+
+def calibrated(spec: FeatureSpec, train_ids: list[str]) -> FeatureSpec:
+    """`spec` with its int8 calibration sample named (drawn from `train_ids`); float32 specs unchanged."""
+    from .engines import check_precision
+
+    if check_precision(spec.precision) != "int8" or spec.calibration:
+        return spec
+    from dataclasses import replace
+
+    from .engines.int8 import calibration_sample
+
+    if not train_ids:
+        raise FeatureCacheError("--precision int8: no training images to calibrate on; use --precision float32")
+    return replace(spec, calibration=calibration_sample(train_ids)[1])
 
 
 @dataclass
@@ -55,6 +73,8 @@ class Resolved:
     keys: dict[str, dict]
     set_ids: dict[str, str]
     notices: list[str] = field(default_factory=list)
+    precision: str = "float32"
+    calibration: str = ""
 
 
 def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Resolved:
@@ -78,10 +98,14 @@ def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Reso
     mode = preprocess_mode(backbone, spec.preprocess)
     weights = resolve_weights(backbone, spec.weights, spec.seed, cache_dir)
     layers = list(dict.fromkeys(spec.layers)) or [default_layer(backbone, size, cache_dir)]
-    keys = {layer: feature_key(backbone.name, weights.id, layer, spec.pool, size, spec.resize, mode)
-            for layer in layers}
+    if spec.precision == "int8" and not spec.calibration:
+        raise FeatureCacheError("--precision int8: no calibration sample named; pass the spec through "
+                                "featurecache.extract.calibrated(spec, train_ids) first")
+    precision = precision_key(spec.precision, spec.calibration)
+    keys = {layer: feature_key(backbone.name, weights.id, layer, spec.pool, size, spec.resize, mode,
+                               precision=precision) for layer in layers}
     return Resolved(backbone, weights, size, mode, spec.pool, spec.resize, layers, keys,
-                    {layer: key_id(k) for layer, k in keys.items()}, notices)
+                    {layer: key_id(k) for layer, k in keys.items()}, notices, spec.precision, spec.calibration)
 
 
 class Sources:
@@ -124,6 +148,8 @@ class Summary:
     sets: list[dict]
     notices: list[str]
     skipped: list[dict] = field(default_factory=list)  # {"id", "name", "reason"} of images left out
+    engine: str | None = None  # what ran the network (None: nothing to compute)
+    precision: str = "float32"
 
     @property
     def cache_hit(self) -> bool:
@@ -134,31 +160,30 @@ class Summary:
                 "computed": self.computed, "reused": self.images - self.computed,
                 "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.computed / self.seconds, 1) if self.computed else None,
-                "sets": self.sets, "notices": self.notices, "skipped": self.skipped}
+                "sets": self.sets, "notices": self.notices, "skipped": self.skipped, "engine": self.engine,
+                "precision": self.precision}
 
 
 ON_ERROR = ("fail", "skip")
 
 
-def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None = None,
-            batch_size: int = 64, progress: bool = True, log=None,
-            on_error: str = "fail") -> tuple[Resolved, Summary]:
-    """Make sure every image of `sources` has a vector in every requested tap's feature set.
+@dataclass
+class Pending:
+    """What a run would compute: unique ids, first position of each, open sets, missing ids per tap."""
+    src: Sources
+    ids: list[str]
+    first: dict[str, int]
+    sets: dict
+    need: dict[str, list[str]]
+    bad: dict[str, str]  # ids a set already left out as unreadable (not in `need`)
 
-    Unreadable images: with on_error="fail" every image to compute is decoded first, and any
-    failure stops the run before the model is built; with "skip" they are left out, remembered in
-    the set (never retried: a fixed file has new bytes, hence a new id) and listed in the summary.
-    """
-    t0 = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    if batch_size < 1:
-        raise FeatureCacheError(f"--batch-size {batch_size}: must be at least 1")
-    if on_error not in ON_ERROR:
-        raise FeatureCacheError(f"--on-error {on_error}: use fail or skip")
-    res = resolve(spec, native_size, cache_dir)
-    for n in res.notices:
-        log(f"notice: {n}")
-    store = FeatureStore(cache_dir)
+    @property
+    def todo(self) -> list[str]:
+        return list(dict.fromkeys(i for n in self.need.values() for i in n))
+
+
+def pending(sources, res: Resolved, store: FeatureStore) -> Pending:
+    """Look up every tap's feature set: which images still need the network (reads only)."""
     src = Sources(sources)
     ids = list(dict.fromkeys(src.ids))  # an image that appears twice is computed once
     first = {}
@@ -167,13 +192,42 @@ def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None
     sets = {layer: store.get(res.set_ids[layer]) for layer in res.layers}
     need = {layer: (ids if fs is None else [ids[k] for k in fs.missing(ids)]) for layer, fs in sets.items()}
     bad = _known_bad(sets, need)
-    todo = list(dict.fromkeys(i for n in need.values() for i in n))
+    return Pending(src, ids, first, sets, need, bad)
+
+
+def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None = None,
+            batch_size: int = 64, progress: bool = True, log=None,
+            on_error: str = "fail", engine: str = "auto") -> tuple[Resolved, Summary]:
+    """Make sure every image of `sources` has a vector in every requested tap's feature set.
+
+    Unreadable images: with on_error="fail" every image to compute is decoded first, and any
+    failure stops the run before the model is built; with "skip" they are left out, remembered in
+    the set (never retried: a fixed file has new bytes, hence a new id) and listed in the summary.
+    `engine` (auto | tensorflow | onnxruntime | openvino) only decides what runs the network; int8
+    specs are calibrated on a sample of the first source (the training images).
+    """
+    t0 = time.perf_counter()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if batch_size < 1:
+        raise FeatureCacheError(f"--batch-size {batch_size}: must be at least 1")
+    if on_error not in ON_ERROR:
+        raise FeatureCacheError(f"--on-error {on_error}: use fail or skip")
+    sources = list(sources)
+    spec = calibrated(spec, sources[0].ids if sources else [])
+    choose(engine, spec.precision)  # a bad --engine fails before any work, cache hit or not
+    res = resolve(spec, native_size, cache_dir)
+    for n in res.notices:
+        log(f"notice: {n}")
+    store = FeatureStore(cache_dir)
+    p = pending(sources, res, store)
+    src, ids, first, sets, need, bad = p.src, p.ids, p.first, p.sets, p.need, p.bad
+    todo = p.todo
     if todo and on_error == "fail":
         _fail_on_unreadable(src, [first[i] for i in todo], progress, log)
-    computed = 0
+    computed, used = 0, None
     if todo:
-        sets, computed, found = _compute(res, src, ids, first, sets, need, store, batch_size, progress, log,
-                                         on_error)
+        sets, computed, found, used = _compute(res, src, ids, first, sets, need, store, batch_size, progress, log,
+                                               on_error, engine)
         bad.update(found)
         need = {layer: [i for i in n if i not in found] for layer, n in need.items()}
     report = []
@@ -183,7 +237,7 @@ def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None
                        "stored": len(fs), "computed": len(need[layer]), "reused": len(ids) - len(need[layer])})
     skipped = [{"id": i, "name": src.name(first[i]), "reason": r} for i, r in bad.items() if i in first]
     return res, Summary(res.backbone.name, res.weights.label, res.size, len(ids), computed,
-                        time.perf_counter() - t0, report, res.notices, skipped)
+                        time.perf_counter() - t0, report, res.notices, skipped, used, res.precision)
 
 
 def _known_bad(sets, need) -> dict[str, str]:
@@ -216,8 +270,9 @@ def _fail_on_unreadable(src: Sources, positions: list[int], progress: bool, log)
                                 "fix or remove them, or pass --on-error skip to leave them out")
 
 
-def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_size, progress, log, on_error):
-    """Run the network over what is missing; returns (sets, images computed, {id: why} left out)."""
+def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_size, progress, log, on_error,
+             engine="auto"):
+    """Run the network over what is missing; returns (sets, images computed, {id: why} left out, engine)."""
     from contextlib import ExitStack
 
     from .backbones.build import build_model
@@ -239,10 +294,11 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
         taps = [t for t in taps if need[t.name]]
         if not taps:
             log("notice: another process computed these features meanwhile; nothing left to do")
-            return sets, 0, {}
+            return sets, 0, {}, None
         todo_ids = list(dict.fromkeys(i for t in taps for i in need[t.name]))
         wanted = {t.name: set(need[t.name]) for t in taps}
-        forward = forward_fn(model, [t.name for t in taps])
+        used, forward = forward_fn(model, [t.name for t in taps], engine=engine, res=res, cache_dir=store.cache_dir,
+                                   calibration_images=lambda: calibration_images(res, src), log=log)
         positions = [first[i] for i in todo_ids]
         # Per tap: [(ids, vectors) of each batch], and when the part being filled was started.
         buffers = {t.name: ([], time.monotonic()) for t in taps}
@@ -309,7 +365,7 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
         flush(force=True)
         remember_bad()
         bar.close()
-        return sets, len(todo_ids) - len(bad), bad
+        return sets, len(todo_ids) - len(bad), bad, used
 
 
 class _StopRequest:
@@ -343,8 +399,37 @@ def _provenance(res: Resolved) -> dict:
     return {"source": {"weights": w.label, "weights_path": str(w.path) if w.path else None, "seed": w.seed}}
 
 
-def forward_fn(model, names: list[str]):
-    """A compiled `model(x, training=False)` returning the named taps' outputs as a list."""
+def calibration_images(res: Resolved, src: Sources) -> np.ndarray:
+    """The preprocessed int8 calibration sample (`calibrated` names it); unreadable images are left out."""
+    from .engines.int8 import calibration_sample
+
+    train = src.sources[0]
+    chosen, sample = calibration_sample(train.ids)
+    if sample != res.calibration:  # e.g. `predict` on new files: the training images are not at hand
+        raise FeatureCacheError(f"--precision int8: the graph calibrated on sample {res.calibration} is not in the "
+                                "cache; run `featurecache extract --precision int8` on the training data again")
+    where = {i: j for j, i in enumerate(train.ids)}
+    imgs = []
+    for i in chosen:
+        try:
+            imgs.append(imagelib.resize(train.load(where[i]), res.size, res.resize))
+        except FeatureCacheError:
+            continue
+    return preprocess(np.stack(imgs), res.preprocess_mode)
+
+
+def forward_fn(model, names: list[str], engine: str | None = None, res: Resolved | None = None,
+               cache_dir: Path | None = None, calibration_images=None, log=None):
+    """A compiled `model(x, training=False)` returning the named taps' outputs as a list.
+
+    With `engine` (auto | tensorflow | onnxruntime | openvino) and the resolved spec: the pair
+    (engine used, forward) from featurecache.engines, which runs the same taps on that engine.
+    """
+    if engine is not None:
+        from .engines import make_forward
+
+        return make_forward(engine, model, res.backbone, res.weights, res.size, names, cache_dir, res.precision,
+                            res.calibration, calibration_images, log)
     import keras
     import tensorflow as tf
 

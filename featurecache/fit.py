@@ -6,20 +6,22 @@ import time
 from pathlib import Path
 
 from .api import DataOptions, dataset_features
-from .extract import FeatureSpec
+from .extract import FeatureSpec, calibrated
 from .runs import evaluate, new_run_id, runs_dir, save_run, spec_dict
 
 
 def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, normalize: str, pca: int | None,
              grid: list[str], cache_dir: Path, compute: bool = False, batch_size: int = 64,
-             progress: bool = True, notes: str = "", log=print) -> dict:
+             progress: bool = True, notes: str = "", log=print, engine: str | None = None) -> dict:
     """Fit `head` on the cached features of `spec` for `data`; returns the saved run record."""
     from . import heads
 
     ds = data.load()
+    spec = calibrated(spec, ds.train.images.ids)  # int8 runs record their sample, so predict finds the graph
     pipeline = heads.make_pipeline(head, _with_seed(heads, head, options, data.seed), normalize, pca)
     search = heads.parse_grid(grid, pipeline) if grid else None
-    res, x_train, x_test = dataset_features(ds, spec, cache_dir, data, compute, batch_size, progress, log)
+    res, x_train, x_test = dataset_features(ds, spec, cache_dir, data, compute, batch_size, progress, log,
+                                            engine=engine)
     layer = res.layers[0]
     t0 = time.perf_counter()
     table = None

@@ -20,13 +20,14 @@ def run_spec(record: dict) -> FeatureSpec:
 
 
 def features_for_files(paths: list[Path], record: dict, cache_dir: Path, batch_size: int = 64,
-                       progress: bool = False, log=None) -> np.ndarray:
+                       progress: bool = False, log=None, engine: str = "auto") -> np.ndarray:
     """Vectors of `paths` for the run's feature set; new images are computed and stored too."""
     for p in paths:
         if not Path(p).is_file():
             raise FeatureCacheError(f"{p}: no such file")
     files = FileImages([Path(p) for p in paths])
-    res, _ = extract([files], run_spec(record), cache_dir, batch_size=batch_size, progress=progress, log=log)
+    res, _ = extract([files], run_spec(record), cache_dir, batch_size=batch_size, progress=progress, log=log,
+                     engine=engine)
     return FeatureStore(cache_dir).get(res.set_ids[record["layer"]]).gather(files.ids)
 
 
@@ -44,7 +45,7 @@ def label_rows(names: list[str], pipeline, x: np.ndarray, class_names: list[str]
 
 
 def predict_files(paths: list[Path], run_id: str, cache_dir: Path, top: int = 1, batch_size: int = 64,
-                  progress: bool = False, log=None) -> list[dict]:
+                  progress: bool = False, log=None, engine: str = "auto") -> list[dict]:
     record, pipeline = load_head(cache_dir, run_id)
-    x = features_for_files(paths, record, cache_dir, batch_size, progress, log)
+    x = features_for_files(paths, record, cache_dir, batch_size, progress, log, engine)
     return label_rows([str(p) for p in paths], pipeline, x, record["class_names"], top)

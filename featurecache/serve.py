@@ -70,6 +70,7 @@ class ServeOptions:
     max_wait_ms: float = 2.0
     max_body: int = 20 << 20
     max_pixels: int = 4096 * 4096
+    engine: str = "auto"  # what runs the backbone: auto | tensorflow | onnxruntime | openvino
 
     def check(self) -> None:
         for name in ("max_batch", "max_body", "max_pixels"):
@@ -212,6 +213,7 @@ class Service:
 
     def __init__(self, opts: ServeOptions):
         from .backbones.build import build_model
+        from .engines import choose
         from .extract import forward_fn, resolve
         from .runs import load_head
 
@@ -221,13 +223,17 @@ class Service:
         self.record, self.pipeline = load_head(cache, opts.run_id)
         self.layer = self.record["layer"]
         self.res = resolve(run_spec(self.record), None, cache)
+        choose(opts.engine, self.res.precision)  # a bad --engine fails before the model is built
         t0 = time.perf_counter()
-        self._forward = forward_fn(build_model(self.res.backbone, self.res.weights, self.res.size), [self.layer])
+        self.engine, self._forward = forward_fn(build_model(self.res.backbone, self.res.weights, self.res.size),
+                                                [self.layer], engine=opts.engine, res=self.res, cache_dir=cache,
+                                                log=_log)
         blank = np.zeros((opts.max_batch, self.res.size, self.res.size, 3), np.uint8)
         self.compute(blank[:1])  # two batch sizes: tf.function then settles on one trace for any size
         self.compute(blank)
         self.stored = StoredVectors(FeatureStore(cache), self.res.set_ids[self.layer])
-        _log(f"run {opts.run_id}: {self.record['features']} + {self.record['head']} loaded and warmed up in "
+        _log(f"run {opts.run_id}: {self.record['features']} + {self.record['head']} loaded on {self.engine} and "
+             f"warmed up in "
              f"{time.perf_counter() - t0:.1f} s; {len(self.stored)} images in feature set {self.stored.set_id}")
 
     def compute(self, pixels: np.ndarray) -> np.ndarray:
@@ -267,7 +273,8 @@ class Service:
 
     def info(self) -> dict:
         r, res = self.record, self.res
-        info = {"run": r["run_id"], "backbone": res.backbone.name, "weights": res.weights.label,
+        info = {"run": r["run_id"], "backbone": res.backbone.name, "weights": res.weights.label, "engine": self.engine,
+                "precision": res.precision,
                 "layer": self.layer, "pooling": res.pool, "size": res.size, "resize": res.resize,
                 "preprocess": res.preprocess_mode, "head": r["head"], "head_options": r.get("head_options", {}),
                 "normalize": r.get("normalize"), "pca": r.get("pca"), "class_names": r["class_names"],

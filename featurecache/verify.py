@@ -183,7 +183,18 @@ def _model_for(fs: FeatureSet, cache_dir: Path):
                       key["preprocess"], key["dtype"], key["precision"])
     if now != key:
         return None, "made with other library versions than installed now; values not checked"
-    fwd = forward_fn(build_model(backbone, weights, key["size"]), [key["layer"]])
+    model = build_model(backbone, weights, key["size"])
+    if key["precision"] == "fp32":
+        fwd = forward_fn(model, [key["layer"]])
+    else:  # int8: only the cached graph it was made with reproduces it
+        from .engines import make_forward
+
+        _, _, calibration = key["precision"].split("-", 2)
+        try:
+            _, fwd = make_forward("auto", model, backbone, weights, key["size"], [key["layer"]], cache_dir, "int8",
+                                  calibration)
+        except FeatureCacheError as e:
+            return None, f"{e}; values not checked"
 
     def forward(batch):
         return pool_maps(np.asarray(fwd(preprocess(batch, key["preprocess"]))[0]), key["pool"])

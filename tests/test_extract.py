@@ -29,15 +29,15 @@ def count_forward_calls(monkeypatch):
     calls = {"models": 0, "batches": 0}
     real = extract_mod.forward_fn
 
-    def wrapped(model, names):
+    def wrapped(model, names, **engine):
         calls["models"] += 1
-        fwd = real(model, names)
+        used, fwd = real(model, names, **engine)
 
         def counted(x):
             calls["batches"] += 1
             return fwd(x)
 
-        return counted
+        return used, counted
 
     monkeypatch.setattr(extract_mod, "forward_fn", wrapped)
     return calls
@@ -113,8 +113,8 @@ def test_folder_that_gains_ten_images_computes_only_those(tmp_path, cache):
 def test_failed_run_keeps_finished_batches_and_resumes(small, cache, monkeypatch, exc, expected):
     real = extract_mod.forward_fn
 
-    def fails_on_third_batch(model, names):
-        fwd, n = real(model, names), {"k": 0}
+    def fails_on_third_batch(model, names, **engine):
+        (used, fwd), n = real(model, names, **engine), {"k": 0}
 
         def call(x):
             n["k"] += 1
@@ -122,7 +122,7 @@ def test_failed_run_keeps_finished_batches_and_resumes(small, cache, monkeypatch
                 raise exc
             return fwd(x)
 
-        return call
+        return used, call
 
     monkeypatch.setattr(extract_mod, "forward_fn", fails_on_third_batch)
     with pytest.raises(expected[0], match=expected[1]):

@@ -1,0 +1,96 @@
+"""The converted-graph cache: <cache>/engines/<graph id>/ per (model, weights, size, taps).
+
+    model.onnx                         the float32 graph (onnx_export), run by ONNX Runtime
+    openvino-<ver>.xml/.bin            the same graph as OpenVINO IR (weights kept in float32)
+    int8-<calibration>-openvino-<ver>  nncf's int8 graph, calibrated on a sample of the user's images
+    meta.json                          what the id was made from
+
+Each file is written under a temporary name and renamed into place (the .bin before its .xml), so a
+killed conversion leaves nothing half-written, and two processes converting at once both end with a
+complete file. Conversion happens once; later builds only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import versions
+from . import onnx_export
+
+
+def graph_parts(model_name: str, weights_id: str, size: int, taps: list[str]) -> dict:
+    return {"format": onnx_export.FORMAT, "opset": onnx_export.OPSET, "model": model_name, "weights": weights_id,
+            "size": int(size), "taps": sorted(taps)}
+
+
+def graph_dir(cache_dir: Path, parts: dict) -> Path:
+    digest = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return Path(cache_dir) / "engines" / digest
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _onnx(folder: Path, model, taps: list[str], log) -> Path:
+    path = folder / "model.onnx"
+    if not path.is_file():
+        proto = onnx_export.export(model, sorted(taps))
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(path)
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, path)
+        if log:
+            log(f"notice: converted {model.name} ({', '.join(sorted(taps))}) to ONNX once: {folder}")
+    return path
+
+
+def _save_ir(ov_model, xml: Path) -> None:
+    import openvino as ov
+
+    tmp = xml.with_name(f".tmp{os.getpid()}-{xml.name}")  # OpenVINO insists on the .xml suffix
+    ov.save_model(ov_model, str(tmp), compress_to_fp16=False)  # fp16 weights would break float32 parity
+    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+    os.replace(tmp, xml)
+
+
+def graph(engine: str, model, model_name: str, weights_id: str, size: int, taps: list[str], cache_dir: Path,
+          precision: str = "float32", calibration: str = "", calibration_images=None, log=None) -> Path:
+    """Path of the cached graph `engine` runs, converting (and calibrating) on first use only."""
+    parts = graph_parts(model_name, weights_id, size, taps)
+    folder = graph_dir(cache_dir, parts)
+    if not (folder / "meta.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(folder / "meta.json")
+        tmp.write_text(json.dumps(parts, indent=1))
+        os.replace(tmp, folder / "meta.json")
+    if engine == "onnxruntime":
+        return _onnx(folder, model, taps, log)
+    ver = versions.version("openvino")
+    if precision == "float32":
+        xml = folder / f"openvino-{ver}.xml"
+        if not xml.is_file():
+            import openvino as ov
+
+            _save_ir(ov.convert_model(str(_onnx(folder, model, taps, log))), xml)
+        return xml
+    xml = folder / f"int8-{calibration}-openvino-{ver}.xml"
+    if not xml.is_file():
+        from .int8 import quantize
+
+        if calibration_images is None:
+            from ..errors import FeatureCacheError
+
+            raise FeatureCacheError(f"--precision int8: the int8 graph calibrated on sample {calibration} is not "
+                                    f"in {folder}; run `featurecache extract --precision int8` on the training "
+                                    "data again to recreate it")
+        images = np.asarray(calibration_images())
+        if log:
+            log(f"notice: calibrating int8 {model_name} on {len(images)} of your training images (once)")
+        _save_ir(quantize(str(_onnx(folder, model, taps, log)), images), xml)
+    return xml

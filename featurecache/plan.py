@@ -1,0 +1,93 @@
+"""`featurecache plan`: what an extraction would cost, before paying for it.
+
+Images still to compute come from the same store lookups extraction makes (`extract.pending`); the
+time comes from a short measured warm-up on the images themselves (decode, preprocess and the chosen
+engine, one batch to warm up, then up to `probe` images timed); the disk size is exact up to HDF5's
+small per-part overhead: uncompressed float32 vectors plus a 32-byte id per row.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import preprocess
+from .engines import choose
+from .extract import FeatureSpec, Sources, calibrated, calibration_images, forward_fn, pending, resolve
+from .store import ID_DTYPE, FeatureStore
+from .taps import catalogue, check_layers
+
+ID_BYTES = np.dtype(ID_DTYPE).itemsize
+
+
+def plan(ds, spec: FeatureSpec, cache_dir: Path, engine: str = "auto", batch_size: int = 64,
+         probe: int = 128, log=None) -> dict:
+    spec = calibrated(spec, ds.train.images.ids)
+    choose(engine, spec.precision)  # a bad --engine fails even on a cache hit
+    res = resolve(spec, ds.native_size(), cache_dir)
+    sources = [ds.train.images, ds.test.images]
+    p = pending(sources, res, FeatureStore(cache_dir))
+    taps = check_layers(res.backbone, res.layers, catalogue(res.backbone, res.size, cache_dir))
+    layers = []
+    for tap in taps:
+        fs, need = p.sets[tap.name], len(p.need[tap.name])
+        row = tap.dims(res.pool) * 4 + ID_BYTES
+        stored = len(fs) if fs is not None else 0
+        layers.append({"layer": tap.name, "set": res.set_ids[tap.name], "dims": tap.dims(res.pool),
+                       "stored": stored, "to_compute": need, "bytes_to_add": need * row,
+                       "bytes_after": (stored + need) * row})
+    out = {"model": res.backbone.name, "weights": res.weights.label, "size": res.size, "precision": res.precision,
+           "images": len(p.ids), "to_compute": len(p.todo), "layers": layers,
+           "bytes_to_add": sum(r["bytes_to_add"] for r in layers),
+           "bytes_after": sum(r["bytes_after"] for r in layers), "engine": None, "setup_seconds": 0.0,
+           "measured_images_per_second": None, "expected_seconds": 0.0}
+    if p.todo:
+        out.update(_warm_up(res, p, taps, cache_dir, engine, batch_size, probe, log))
+    return out
+
+
+def _warm_up(res, p, taps, cache_dir, engine, batch_size, probe, log) -> dict:
+    """Build the model on the engine, run one batch, time up to `probe` images; extrapolate."""
+    from .backbones.build import build_model
+
+    t0 = time.perf_counter()
+    model = build_model(res.backbone, res.weights, res.size)
+    names = [t.name for t in taps if p.need[t.name]]
+    used, forward = forward_fn(model, names, engine=engine, res=res, cache_dir=cache_dir,
+                               calibration_images=lambda: calibration_images(res, p.src), log=log)
+    positions = [p.first[i] for i in p.todo]
+    batch = min(batch_size, len(positions))
+
+    def run(chunk) -> None:
+        forward(preprocess(np.stack([p.src.load(k, res.size, res.resize) for k in chunk]), res.preprocess_mode))
+
+    run(positions[:batch])  # first pass: graph compilation and allocation, not steady state
+    setup = time.perf_counter() - t0
+    timed = positions[batch:batch + max(probe, batch)] or positions[:batch]
+    t1 = time.perf_counter()
+    for k in range(0, len(timed), batch):
+        run(timed[k:k + batch])
+    ips = len(timed) / (time.perf_counter() - t1)
+    return {"engine": used, "setup_seconds": round(setup, 2), "measured_images_per_second": round(ips, 1),
+            "measured_images": len(timed), "expected_seconds": round(setup + len(p.todo) / ips, 1)}
+
+
+def describe(out: dict) -> str:
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.1f} MB"
+
+    lines = [f"{out['model']} ({out['weights']}) at {out['size']}px, {out['precision']}: {out['images']:,} images, "
+             f"{out['to_compute']:,} to compute after the cache"]
+    for r in out["layers"]:
+        lines.append(f"  {r['layer']:<24} set {r['set']}  dims {r['dims']:>6}  stored {r['stored']:>7,}  "
+                     f"to compute {r['to_compute']:>7,}  disk +{mb(r['bytes_to_add'])} -> {mb(r['bytes_after'])}")
+    if out["to_compute"]:
+        lines.append(f"expected time: {out['expected_seconds']:,.0f} s on {out['engine']} "
+                     f"({out['measured_images_per_second']} images/s measured on {out['measured_images']} of them, "
+                     f"plus {out['setup_seconds']:.1f} s to build and warm up)")
+    else:
+        lines.append("nothing to compute: a cache hit")
+    lines.append(f"disk: +{mb(out['bytes_to_add'])}, {mb(out['bytes_after'])} for these feature sets in all")
+    return "\n".join(lines)
