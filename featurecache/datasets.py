@@ -353,8 +353,23 @@ def _cifar10_from(read, where: str) -> Dataset:
 
     parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = batch("test_batch")
-    return _arrays_dataset("cifar10", CIFAR10_CLASSES, np.concatenate([p[0] for p in parts]),
+    return _arrays_dataset("cifar10", _cifar10_names(read, where), np.concatenate([p[0] for p in parts]),
                            np.concatenate([p[1] for p in parts]), x_test, y_test)
+
+
+def _cifar10_names(read, where: str) -> tuple[str, ...]:
+    """Class names from batches.meta (the archive's own), else the standard list."""
+    try:
+        raw = read("batches.meta")
+    except (FeatureCacheError, OSError):
+        return CIFAR10_CLASSES
+    try:
+        names = tuple(n.decode() for n in pickle.loads(raw, encoding="bytes")[b"label_names"])
+    except Exception as e:
+        raise FeatureCacheError(f"{where}: batches.meta is not a CIFAR-10 meta file ({e})") from e
+    if len(names) != len(CIFAR10_CLASSES):
+        raise FeatureCacheError(f"{where}: batches.meta names {len(names)} classes, CIFAR-10 has 10")
+    return names
 
 
 _BUILTIN_LOADERS = {"digits": _load_digits, "fashion-mnist": _load_fashion_mnist,

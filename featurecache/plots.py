@@ -56,12 +56,20 @@ def scatter_png(points: list[tuple[float, float, str]], path: Path, xlabel: str,
 
 
 def lines_png(series: dict[str, list[tuple[object, float]]], path: Path, xlabel: str, ylabel: str,
-              title: str) -> Path:
-    """One line per series over a categorical x axis (e.g. accuracy by layer, one line per size)."""
+              title: str, order: list | None = None) -> Path:
+    """One line per series over a categorical x axis (e.g. accuracy by layer, one line per size).
+
+    `order` ranks the categories (e.g. layers by depth), for series that hold different subsets of them;
+    without it, categories appear in the order first seen.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = list(dict.fromkeys(x for pts in series.values() for x, _ in pts))
+    if order:
+        rank = {x: i for i, x in enumerate(order)}
+        xs.sort(key=lambda x: rank.get(x, len(rank)))
     for name, pts in series.items():
+        pts = sorted(pts, key=lambda p: xs.index(p[0]))
         ax.plot([xs.index(x) for x, _ in pts], [y for _, y in pts], marker="o", label=name)
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30, ha="right")
     ax.set_xlabel(xlabel)

@@ -75,10 +75,11 @@ def recommend(rows: list[dict]) -> str:
             f"(test accuracy {best['test_accuracy']:.4f}, chosen on the test split: confirm with --grid){note}")
 
 
-def plot(rows: list[dict], path: Path, title: str) -> Path:
+def plot(rows: list[dict], path: Path, title: str, order: list[str] | None = None) -> Path:
+    """`order`: the layers by depth, where sizes tried different taps."""
     from .plots import lines_png
 
     series: dict[str, list] = {}
     for r in rows:
         series.setdefault(f"{r['size']}px {r['head']}", []).append((r["layer"], r["test_accuracy"]))
-    return lines_png(series, path, "layer", "test accuracy", title)
+    return lines_png(series, path, "layer", "test accuracy", title, order)

@@ -50,3 +50,49 @@ def write_digit_folder(root: Path, per_class: int, classes=(0, 1, 2), offset: in
             Image.fromarray(np.rint(d.images[i] * 255 / 16).astype(np.uint8)).save(p)
             paths.append(p)
     return paths
+
+
+def write_cifar_archive(root: Path, per_batch: int = 10) -> tuple[Path, Path, dict]:
+    """A small CIFAR-10 "python version": cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
+    (protocol-2 pickles of dicts with bytes keys, uint8 rows of 3072 = 3 planes of 32x32) and its .tar.gz."""
+    import pickle
+    import tarfile
+
+    from featurecache.datasets import CIFAR10_CLASSES
+
+    def batch(seed):
+        rng = np.random.default_rng(seed)
+        return {b"batch_label": b"batch", b"labels": (np.arange(per_batch) % 10).tolist(),
+                b"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+                b"filenames": [b"f%d.png" % i for i in range(per_batch)]}
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(i), protocol=2))
+    test_batch = batch(9)
+    (folder / "test_batch").write_bytes(pickle.dumps(test_batch, protocol=2))
+    meta = {b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_cases_per_batch": per_batch,
+            b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive, folder, test_batch
+
+
+@pytest.fixture(scope="session")
+def fashion_small(tmp_path_factory):
+    """Fashion-MNIST, 3,000 train / 1,000 test, with a session cache holding its HED-VGG16 block3_pool codes at
+    32px (4,096-d), shared by the real-data tests. Skips where Debian's dataset-fashion-mnist is missing."""
+    from featurecache.api import DataOptions, dataset_features
+    from featurecache.datasets import FASHION_MNIST_DIR
+    from featurecache.extract import FeatureSpec
+
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist")
+    cache = tmp_path_factory.mktemp("fashion-cache")
+    ds = DataOptions("fashion-mnist", max_train=3000, max_test=1000).load()
+    spec = FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), size=32)
+    _, x_train, x_test = dataset_features(ds, spec, cache, compute=True, progress=False)
+    return {"ds": ds, "cache": cache, "hed": (x_train, x_test)}

@@ -1,12 +1,11 @@
 import gzip
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import write_digit_folder
+from conftest import write_cifar_archive, write_digit_folder
 from featurecache.datasets import FASHION_MNIST_DIR, load_dataset
 from featurecache.errors import FeatureCacheError
 
@@ -84,28 +83,29 @@ def test_fashion_mnist_from_the_debian_package():
     assert np.bincount(ds.test.labels).tolist() == [1000] * 10
 
 
-def _cifar_batch(n, seed):
-    rng = np.random.default_rng(seed)
-    return {b"batch_label": b"x", b"labels": (np.arange(n) % 10).tolist(),
-            b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"filenames": [b"f"] * n}
-
-
 def test_cifar10_python_version_archive(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(_cifar_batch(10, i)))
-    test_batch = _cifar_batch(10, 9)
-    (folder / "test_batch").write_bytes(pickle.dumps(test_batch))
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
+    archive, folder, test_batch = write_cifar_archive(tmp_path)
     for where in (archive, folder, tmp_path):
         ds = load_dataset("cifar10", data_dir=str(where))
         assert len(ds.train) == 50 and len(ds.test) == 10 and ds.class_names[0] == "airplane"
+        assert ds.native_size() == 32 and ds.train.labels.tolist()[:3] == [0, 1, 2]
         # Row-major CHW planes become HWC pixels.
         px = test_batch[b"data"][0]
         assert (ds.test.images.load(0)[0, 0] == [px[0], px[1024], px[2048]]).all()
+
+
+def test_cifar10_class_names_come_from_batches_meta(tmp_path):
+    _, folder, _ = write_cifar_archive(tmp_path)
+    meta = pickle.loads((folder / "batches.meta").read_bytes(), encoding="bytes")
+    meta[b"label_names"] = [b"c%d" % i for i in range(10)]
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    assert load_dataset("cifar10", data_dir=str(folder)).class_names[9] == "c9"
+    (folder / "batches.meta").unlink()  # the extracted folder without it: the standard names
+    assert load_dataset("cifar10", data_dir=str(folder)).class_names[9] == "truck"
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(FeatureCacheError, match="test_batch is not a CIFAR-10 batch") as e:
+        load_dataset("cifar10", data_dir=str(folder))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("make, words", [
