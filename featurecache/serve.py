@@ -6,9 +6,9 @@
     GET  /docs, /openapi.json
 
 Design:
-- One process holds the backbone and head, loaded once. Forward passes run in one worker thread (TF
-  already uses every core inside a pass), so the event loop stays free to parse; decoding runs in
-  the thread pool.
+- One process holds the backbone and head, loaded once. Forward passes run in one worker thread (the
+  engine already uses every core inside a pass: TF's intra-op threads, or one ONNX Runtime / OpenVINO
+  stream per core), so the event loop stays free to parse; decoding runs in the thread pool.
 - New images from concurrent requests are micro-batched: they queue up and the worker takes up to
   `max_batch` of them at a time, waiting at most `max_wait_ms` after the oldest one arrived (under
   load the queue fills while the previous pass runs, so batches grow with no added wait), then runs

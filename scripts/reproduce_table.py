@@ -429,8 +429,9 @@ NOTES = [
     "at 64 px); Lite0's average-pooled stages are flat from block5c_add to top_activation. "
     "They trail the flattened VGG taps by 4-5 points: global "
     "pooling throws away the spatial layout that tells a 28x28 shirt from a pullover. Lite0 at 224 px was "
-    "extracted for 5,000 train images only (TensorFlow engine, 5.3 images/s here); the later OpenVINO engine "
-    "(`--engine auto`) ran Lite0 at 64 px at ~1,100 images/s, so a full 224 px pass should now take well under an hour (not measured).",
+    "extracted for 5,000 train images only (TensorFlow engine, 5.3 images/s here); the faster engines added later "
+    "(`--engine auto`) ran Lite0 at 64 px at ~1,100 images/s, so a full 224 px pass should now take "
+    "well under an hour (not measured).",
     "- The 92.5% target for any head is not reached: the best is the MLP on block3_pool+block4_pool codes, "
     "and it overfits (train ~95.5%, test ~92.0%); adding block4 to block3 helped the linear head (+0.45) "
     "more than the MLP (+0.03), and a wider MLP with more weight decay (1024 units, alpha=0.001) did worse. What would close the gap, cheapest first: horizontal-flip augmentation of "
