@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def main():
            "--model", "vgg16", "--weights", args.weights, *layers, "--size", "64",
            "--batch-size", str(args.batch_size), "--quiet"]
     seconds, peak, out = run_cli(cmd, env)
+    chosen = re.search(r"images/s on (\w+)", out)  # the engine `auto` chose
+    engine = chosen.group(1) if chosen else "the default engine"
     print(out)
     n_total = args.n + args.n_test
     rows.append((f"extract {n_total:,} Fashion-MNIST 28x28 images upsized to 64 (vgg16 {args.weights}, "
@@ -107,8 +110,10 @@ def main():
 
     table = "\n".join(["| measurement | figure |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
     body = (f"Command: `python scripts/bench_extract.py {shlex.join(sys.argv[1:])}`".rstrip() + "\n\n"
-            f"Machine: {os.cpu_count()} cores, TensorFlow engine. Targets: cache hit for 60,000 images "
-            "under 2 s; peak RSS under 2 GB while extracting 60,000 images upsized to 64.\n\n" + table)
+            f"Machine: {os.cpu_count()} cores; throughput rows on TensorFlow, the extraction on {engine} "
+            "(`--engine auto`). Peak RSS is the child's ru_maxrss, which on Linux includes the pages "
+            "it shared with this (TensorFlow-loaded) parent before exec: an upper bound. Targets: cache "
+            "hit for 60,000 images under 2 s; peak RSS under 2 GB while extracting 60,000 images upsized to 64.\n\n" + table)
     if not args.no_write:
         write_section(ROOT / "docs" / "BENCHMARKS.md", "Extraction (scripts/bench_extract.py)", body)
 
