@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--part-rows", type=int, default=8)
     p.add_argument("--early", type=float, default=0.25, help="share of kills at any instant from process start")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="tensorflow",
+                   help="engine of every run (the kill timing and bit-exactness were tuned on TensorFlow)")
     p.add_argument("--work", type=Path, help="folder for the two caches (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--write-docs", action="store_true", help="write the figures to docs/RELIABILITY.md")
@@ -63,7 +65,7 @@ def parse_args(argv=None):
 def extract_args(a, cache: Path) -> list[str]:
     return ["extract", "--data", "digits", "--max-train", str(a.max_train), "--max-test", str(a.max_test),
             "--model", "vgg16", "--weights", "random", "--layer", "block5_pool", "--size", str(a.size),
-            "--batch-size", str(a.batch_size), "--cache-dir", str(cache)]
+            "--batch-size", str(a.batch_size), "--engine", a.engine, "--cache-dir", str(cache)]
 
 
 class Attempt:

@@ -74,7 +74,9 @@ class Child:
             time.sleep(0.02)
 
     def finish(self, timeout=300):
-        out = self.proc.communicate(timeout=timeout)[0]
+        # Not communicate(): it would read stderr too, racing the reader thread for the last lines.
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
         self._t.join()
         return self.proc.returncode, out
 
@@ -174,7 +176,11 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_every_finished_batch(cache):
     # One part would hold everything: only the SIGTERM handler can save the finished batches.
     env = {"FEATURECACHE_PART_ROWS": "100000", "FEATURECACHE_PART_SECONDS": "100000", "TQDM_MININTERVAL": "0",
            "TQDM_MINITERS": "1"}
-    child = Child("extract", *SMALL, *FEATS, "--batch-size", "5", cache_dir=cache, env=env)
+    # TensorFlow at 64 px: slow enough that the signal lands mid-run even on an idle machine (the faster
+    # engines finished all 90 images before it arrived).
+    child = Child("extract", *SMALL, *FEATS[:4], "--size", "64", "--layer", "block5_pool", "--engine", "tensorflow",
+                  "--batch-size", "5",
+                  cache_dir=cache, env=env)
     child.wait_for(lambda e: progress(e) >= 20)
     child.proc.send_signal(signal.SIGTERM)
     rc, _ = child.finish()
