@@ -1,0 +1,116 @@
+"""The image -> vector chain, run by every command that runs it, gives the same vectors.
+
+extract (what the store holds), predict (recomputed into the store after the set is removed), serve's
+compute path (decode the uploaded bytes, one forward pass), verify's recomputation (against the store)
+and plan's warm-up all turn the same image files into vectors; here they are compared with each other
+across backbones, pooling, resizing, preprocessing, engines and int8. One case per option change rather
+than the full product keeps this to about a minute on 2 cores.
+"""
+
+import numpy as np
+import pytest
+
+from conftest import write_digit_folder
+from featurecache import engines
+from featurecache.api import DataOptions, extract_dataset
+from featurecache.extract import FeatureSpec
+from featurecache.store import FeatureStore
+
+INT8 = engines.installed("openvino") and __import__("importlib").util.find_spec("nncf") is not None
+
+# (model, pool, resize, preprocess, engine, precision)
+CASES = [
+    ("vgg16", "flatten", "nearest", "auto", "tensorflow", "float32"),
+    ("vgg16", "avg", "bilinear", "auto", "tensorflow", "float32"),
+    ("vgg16", "max", "nearest", "scale01", "onnxruntime", "float32"),
+    ("efficientnet_lite0", "avg", "bilinear", "scale01", "tensorflow", "float32"),
+    ("efficientnet_lite0", "flatten", "nearest", "auto", "onnxruntime", "float32"),
+    pytest.param("vgg16", "avg", "nearest", "auto", "openvino", "int8",
+                 marks=pytest.mark.skipif(not INT8, reason="int8 needs openvino and nncf")),
+]
+LAYER = {"vgg16": "block4_pool", "efficientnet_lite0": "block5c_add"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chains") / "digits"
+    write_digit_folder(root, 4)  # 12 real 8x8 digits: upsized to 32, so resize matters
+    return root
+
+
+def close(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, what
+    scale = max(float(np.abs(a).max()), 1e-12)
+    assert float(np.abs(a - b).max()) / scale < 1e-4, f"{what}: relative difference {np.abs(a - b).max() / scale:.2g}"
+
+
+def plan_vectors(ds, spec, cache, engine, monkeypatch) -> tuple[list[str], np.ndarray]:
+    """(ids, pooled vectors) of the first warm-up batch plan runs (its todo list, in order)."""
+    from featurecache import plan as plan_mod
+    from featurecache.taps import pool_maps
+
+    seen = []
+    real = plan_mod.forward_fn
+
+    def wrapped(model, names, **kw):
+        used, fwd = real(model, names, **kw)
+
+        def forward(x):
+            out = fwd(x)
+            seen.append(pool_maps(np.asarray(out[0]), spec.pool))
+            return out
+
+        return used, forward
+
+    monkeypatch.setattr(plan_mod, "forward_fn", wrapped)
+    out = plan_mod.plan(ds, spec, cache, engine=engine, batch_size=64, probe=1)
+    monkeypatch.undo()
+    todo = list(dict.fromkeys(ds.train.images.ids + ds.test.images.ids))
+    assert out["to_compute"] == len(todo) == len(seen[0]) and out["engine"] == engine
+    return todo, seen[0]
+
+
+@pytest.mark.parametrize("model, pool, resize, preprocess, engine, precision", CASES)
+def test_every_chain_gives_the_same_vectors(folder, tmp_path, monkeypatch, model, pool, resize, preprocess, engine,
+                                            precision):
+    from featurecache.fit import fit_head
+    from featurecache.predict import features_for_files
+    from featurecache.serve import ServeOptions, Service
+    from featurecache.verify import verify
+
+    cache = tmp_path / "cache"
+    opts = DataOptions(str(folder))
+    ds = opts.load()
+    spec = FeatureSpec(model, "random", (LAYER[model],), pool, 32, resize, preprocess, precision=precision)
+    layer = LAYER[model]
+    files = [p for p in (ds.train.images.paths + ds.test.images.paths)]
+    ids = ds.train.images.ids + ds.test.images.ids
+
+    # plan's warm-up, before anything is stored (so it computes every image)
+    plan_ids, planned = plan_vectors(ds, spec, cache, engine, monkeypatch)
+
+    # extract: the stored vectors
+    res, summary = extract_dataset(ds, spec, cache, progress=False, engine=engine)
+    assert summary.computed == len(ids) and summary.engine == engine
+    fs = FeatureStore(cache).get(res.set_ids[layer])
+    stored = fs.gather(ids)
+    close(planned, fs.gather(plan_ids), "plan's warm-up vs extract")
+
+    # verify: recompute every row from the images and compare with the store
+    report = verify(fs, ds, k=len(ids), cache_dir=cache)
+    assert report.ok, report.line()
+    assert f"recomputed {len(ids)} rows" in report.line()
+
+    # serve's compute path: uploaded bytes decoded, one forward pass; the head is any fitted one
+    record = fit_head(opts, spec, "logreg", {}, "l2", None, [], cache, progress=False, log=lambda m: None,
+                      engine=engine)
+    service = Service(ServeOptions(record["run_id"], str(cache), max_batch=4, engine=engine))
+    assert service.engine == engine
+    pixels = np.stack([service.decode(p.name, p.read_bytes()) for p in files])
+    close(service.compute(pixels), stored, "serve vs extract")
+
+    # predict: the set removed, so predict computes every file again (and stores it)
+    FeatureStore(cache).remove(fs.id)
+    again = features_for_files(files, record, cache, engine=engine)
+    close(again, stored, "predict vs extract")
