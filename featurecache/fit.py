@@ -12,21 +12,22 @@ from .runs import evaluate, new_run_id, runs_dir, save_run, spec_dict
 
 def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, normalize: str, pca: int | None,
              grid: list[str], cache_dir: Path, compute: bool = False, batch_size: int = 64,
-             progress: bool = True, notes: str = "", log=print, engine: str | None = None) -> dict:
+             progress: bool = True, notes: str = "", log=print, engine: str | None = None,
+             on_error: str = "fail") -> dict:
     """Fit `head` on the cached features of `spec` for `data`; returns the saved run record."""
     from . import heads
 
     ds = data.load()
     spec = calibrated(spec, ds.train.images.ids)  # int8 runs record their sample, so predict finds the graph
-    pipeline = heads.make_pipeline(head, _with_seed(heads, head, options, data.seed), normalize, pca)
-    search = heads.parse_grid(grid, pipeline) if grid else None
+    pipeline = heads.make_pipeline(head, heads.with_seed(head, options, data.seed), normalize, pca)
+    search = heads.parse_grid(grid, pipeline, head=head) if grid else None
     res, x_train, x_test = dataset_features(ds, spec, cache_dir, data, compute, batch_size, progress, log,
-                                            engine=engine)
+                                            on_error=on_error, engine=engine)
     layer = res.layers[0]
     t0 = time.perf_counter()
     table = None
     if search:
-        pipeline, table = heads.grid_search(pipeline, search, x_train, ds.train.labels, seed=data.seed)
+        pipeline, table = heads.grid_search(pipeline, search, x_train, ds.train.labels, seed=data.seed, head=head)
     else:
         heads.fit_pipeline(pipeline, x_train, ds.train.labels)
     fit_seconds = time.perf_counter() - t0
@@ -42,18 +43,13 @@ def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, nor
         "head": head, "head_options": options, "normalize": normalize, "pca": pca,
         "head_params": {k: repr(v) for k, v in pipeline.get_params(deep=True).items()
                         if k.startswith("head__")},
-        "library": "featurecache" if head == "linsvc" else "scikit-learn",
+        "library": heads.HEADS[head].library,
         "grid": [{"params": p, "mean": m, "std": s} for p, m, s in table] if table else None,
         "fit_seconds": round(fit_seconds, 3), "notes": notes, "metrics": metrics,
     }
     folder = save_run(cache_dir, run_id, pipeline, record)
     record.update(run_id=run_id, run_dir=str(folder))
     return record
-
-
-def _with_seed(heads, head: str, options: dict, seed: int) -> dict:
-    """--seed is global (split, weights, head): pass it to the heads that take one."""
-    return dict(options, seed=seed) if "seed" in heads.HEADS[head].options and "seed" not in options else options
 
 
 def describe(record: dict) -> str:

@@ -265,12 +265,19 @@ def test_unknown_head_and_option_and_bad_values():
 
 def test_bad_grid_parameter_is_named():
     svc = make_pipeline("svc", {})
-    msg = _one_line_error(lambda: parse_grid(["k=1,3"], svc))
+    msg = _one_line_error(lambda: parse_grid(["k=1,3"], svc, head="svc"))
     assert msg.startswith("--grid k:") and "'svc'" in msg and "knn" in msg
+    # without the registry name, the head is named by its class (not recovered by building heads)
+    msg = _one_line_error(lambda: parse_grid(["k=1,3"], svc))
+    assert msg == "--grid k: head SVC has no parameter k (it applies to: knn)"
     msg = _one_line_error(lambda: parse_grid(["kernel=rbf"], "linsvc"))
     assert "--grid kernel" in msg and "'linsvc'" in msg
-    msg = _one_line_error(lambda: grid_search(make_pipeline("ridge", {}), {"C": [1.0]}, None, [0, 1]))
-    assert "--grid C" in msg and "'ridge'" in msg
+    msg = _one_line_error(lambda: grid_search(make_pipeline("ridge", {}), {"C": [1.0]}, None, [0, 1],
+                                              head="ridge"))
+    assert "--grid C" in msg and "'ridge'" in msg and "alpha" not in msg.split("(")[0]
+    # the estimator has random_state, but logreg (lbfgs) does not declare a seed: refused by name
+    msg = _one_line_error(lambda: parse_grid(["seed=1,2"], make_pipeline("logreg", {}), head="logreg"))
+    assert msg.startswith("--grid seed does not apply to head 'logreg'") and "svc, mlp, sgd, rf" in msg
     assert "--grid 'C'" in _one_line_error(lambda: parse_grid(["C"]))
     assert "--grid 'C='" in _one_line_error(lambda: parse_grid(["C="]))
     assert "--grid colour" in _one_line_error(lambda: parse_grid(["colour=red"]))
