@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, error_line, run_cli, write_digit_folder
-from featurecache import extract as extract_mod
 from featurecache.api import DataOptions, dataset_features, extract_dataset
-from featurecache.datasets import load_dataset
+from featurecache.datasets import ArrayImages, Dataset, Split, load_dataset
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import FeatureSpec, resolve
 from featurecache.store import FeatureStore
@@ -24,35 +23,16 @@ def small():
     return DataOptions("digits", max_train=60, max_test=30).load()
 
 
-def count_forward_calls(monkeypatch):
-    """Wrap the compiled forward pass so a test can count batches and models built."""
-    calls = {"models": 0, "batches": 0}
-    real = extract_mod.forward_fn
-
-    def wrapped(model, names, **engine):
-        calls["models"] += 1
-        used, fwd = real(model, names, **engine)
-
-        def counted(x):
-            calls["batches"] += 1
-            return fwd(x)
-
-        return used, counted
-
-    monkeypatch.setattr(extract_mod, "forward_fn", wrapped)
-    return calls
-
-
-def test_extract_then_cache_hit_then_second_layer(small, cache, monkeypatch):
-    calls = count_forward_calls(monkeypatch)
+def test_extract_then_cache_hit_then_second_layer(small, cache):
     _, s1 = extract_dataset(small, SPEC, cache, batch_size=32, progress=False)
-    assert s1.computed == 90 and s1.sets[0]["dims"] == 512 and s1.size == 32
+    assert s1.computed == 90 and s1.sets[0]["dims"] == 512 and s1.size == 32 and s1.engine is not None
+    assert len(FeatureStore(cache).get(s1.sets[0]["id"])) == 90
     default_size = resolve(FeatureSpec("vgg16", "random"), small.native_size(), cache)
     assert default_size.size == 32 and "upsizing to 32x32" in default_size.notices[0]
-    assert calls == {"models": 1, "batches": 3}
 
     _, s2 = extract_dataset(small, SPEC, cache, batch_size=32, progress=False)
-    assert s2.cache_hit and s2.sets[0]["reused"] == 90 and calls["models"] == 1
+    assert s2.cache_hit and s2.computed == 0 and s2.sets[0]["reused"] == 90
+    assert s2.engine is None  # nothing ran the network
 
     two_more = FeatureSpec("vgg16", "random", ("block5_pool", "block4_pool", "block3_pool"), size=32)
     _, s3 = extract_dataset(small, two_more, cache, batch_size=32, progress=False)
@@ -60,7 +40,9 @@ def test_extract_then_cache_hit_then_second_layer(small, cache, monkeypatch):
     assert by_layer["block5_pool"]["computed"] == 0
     assert by_layer["block4_pool"]["computed"] == 90 and by_layer["block3_pool"]["computed"] == 90
     assert by_layer["block4_pool"]["dims"] == 2048 and by_layer["block3_pool"]["dims"] == 4096
-    assert calls == {"models": 2, "batches": 6}  # both missing taps in ONE pass over the images
+    assert s3.computed == 90  # both missing taps in ONE pass over the 90 images, not two
+    store = FeatureStore(cache)
+    assert [len(store.get(by_layer[n]["id"])) for n in ("block5_pool", "block4_pool", "block3_pool")] == [90] * 3
 
 
 def test_vectors_match_a_direct_keras_forward_pass(small, cache):
@@ -106,30 +88,33 @@ def test_folder_that_gains_ten_images_computes_only_those(tmp_path, cache):
     assert s2.images == 40 and s2.computed == 10
 
 
+class FailsAt(ArrayImages):
+    """An image source whose `at`-th image fails to load once with `exc` (a Ctrl-C, a disk error, ...)."""
+
+    def __init__(self, array, at: int, exc):
+        super().__init__(array)
+        self.at, self.exc, self.failed = at, exc, False
+
+    def load(self, index):
+        if index == self.at and not self.failed:
+            self.failed = True
+            raise self.exc
+        return super().load(index)
+
+
 @pytest.mark.parametrize("exc, expected", [
     (KeyboardInterrupt, (FeatureCacheError, "interrupted after 20 of 90 images")),  # Ctrl-C: one-line error
     (RuntimeError("disk on fire"), (RuntimeError, "disk on fire")),  # any other failure propagates
 ])
-def test_failed_run_keeps_finished_batches_and_resumes(small, cache, monkeypatch, exc, expected):
-    real = extract_mod.forward_fn
-
-    def fails_on_third_batch(model, names, **engine):
-        (used, fwd), n = real(model, names, **engine), {"k": 0}
-
-        def call(x):
-            n["k"] += 1
-            if n["k"] == 3:
-                raise exc
-            return fwd(x)
-
-        return used, call
-
-    monkeypatch.setattr(extract_mod, "forward_fn", fails_on_third_batch)
+def test_failed_run_keeps_finished_batches_and_resumes(small, cache, exc, expected):
+    source = FailsAt(small.train.images.array, 25, exc)  # in the third batch of 10
+    ds = Dataset(small.name, small.class_names, Split(source, small.train.labels), small.test)
     with pytest.raises(expected[0], match=expected[1]):
-        extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
-    monkeypatch.setattr(extract_mod, "forward_fn", real)
-    _, s = extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
-    assert s.computed == 70 and s.sets[0]["stored"] == 90
+        extract_dataset(ds, SPEC, cache, batch_size=10, progress=False)
+    fs = FeatureStore(cache).get(resolve(SPEC, small.native_size(), cache).set_ids["block5_pool"])
+    assert len(fs) == 20  # the two finished batches are stored
+    _, s = extract_dataset(ds, SPEC, cache, batch_size=10, progress=False)
+    assert s.computed == 70 and s.sets[0]["stored"] == 90 and s.sets[0]["reused"] == 20
 
 
 def test_fit_without_features_names_the_extract_command(small, cache):
