@@ -1,0 +1,341 @@
+"""`featurecache export`: a fitted run as one portable ONNX file, image in, label out.
+
+    featurecache export --run ID [-o model.onnx] [--force]     write the file
+    featurecache export --check model.onnx [--data D]         run it with plain ONNX Runtime on the run's
+                                                              test images; compare with `featurecache predict`
+
+The file holds the preprocessing, the backbone up to the run's tap (featurecache's own Keras->ONNX
+exporter), the pooling, the normaliser / PCA / head (skl2onnx) and the glue between them
+(featurecache/export_graph.py); it takes uint8 RGB images (N, S, S, 3) already resized to the run's
+input size S (the metadata names S and the resize method) and returns `scores`, `label`, `label_name`.
+Running it needs only ONNX Runtime: no Python, TensorFlow or scikit-learn (docs/EXPORT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import FeatureCacheError
+
+FORMATS = ("onnx",)
+PRECISIONS = ("float32", "int8")
+PROBE_ROWS = 256
+SCORE_TOL = 1e-4  # relative to the scores' scale: what the test suite holds the file to
+
+
+def _say(log, msg):
+    if log:
+        log(msg)
+
+
+def exportable_heads() -> list[str]:
+    """featurecache heads whose fitted estimator has a converter (skl2onnx, plus ours)."""
+    from . import export_graph, heads
+
+    names = []
+    for name in heads.head_names():
+        try:
+            est = heads.make_head(name)
+        except Exception:  # a head that cannot be built bare cannot be checked here either
+            continue
+        if export_graph.convertible(est):
+            names.append(name)
+    return names
+
+
+def _check_request(fmt: str, precision: str, record: dict) -> None:
+    if fmt not in FORMATS:
+        raise FeatureCacheError(f"--format {fmt}: unknown; use {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise FeatureCacheError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    fitted = record.get("spec", {}).get("precision", "float32")
+    if precision == "int8" or fitted == "int8":
+        raise FeatureCacheError(
+            f"--precision {precision}: run {record['run_id']} was fitted on {fitted} features; only float32 runs "
+            "export for now: the int8 graph is an OpenVINO IR (nncf), which has no ONNX writer, and requantising "
+            "the ONNX graph would give other vectors than the head was fitted on; fit the head on float32 features")
+
+
+def _probe_rows(record: dict, cache_dir: Path, dims: int) -> np.ndarray:
+    """Rows to hold the converted head to the pickled one: cached vectors of the run's set, plus random ones."""
+    rows = []
+    try:
+        from .store import FeatureStore
+
+        fs = FeatureStore(cache_dir).get(record["feature_set"])
+        if fs is not None and fs.dims == dims:
+            rows.append(fs.gather(list(fs.index())[:PROBE_ROWS]))
+    except Exception:  # the cache may have been cleaned: random rows still test the conversion
+        pass
+    rng = np.random.default_rng(0)
+    rows.append(np.abs(rng.normal(size=(32, dims))).astype(np.float32))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
+    """(ONNX of features -> scores/label/label_name, score kind, largest probe difference)."""
+    from . import export_graph as eg
+    from .heads import scores
+
+    try:
+        skl = eg.sklearn_model(pipeline, dims)
+    except eg.NoConverter as e:
+        raise FeatureCacheError(f"--run {record['run_id']}: head {record['head']!r} has no ONNX converter ({e}); "
+                                f"heads that export: {', '.join(exportable_heads())}") from None
+    probe = _probe_rows(record, cache_dir, dims)
+    ref = scores(pipeline, probe.copy())  # the normaliser works in place: keep the probe intact
+    raw_name = eg.score_output(skl)
+    raw = _run_proto(skl, raw_name, probe).reshape(len(probe), -1)
+    scale = max(1.0, float(np.abs(ref.values).max()))
+    adapter, err = eg.choose_adapter(raw, ref.values, ref.kind, SCORE_TOL * scale)
+    if err <= SCORE_TOL * scale:
+        post = eg.post_model("head/" + raw_name, raw.shape[1], adapter, [int(c) for c in ref.classes],
+                             list(record["class_names"]))
+        head = eg.merge(eg.prefixed(skl, "head/"), post, [("head/" + raw_name, "head/" + raw_name)],
+                        outputs=["scores", "label", "label_name"])
+        got = _run_proto(head, "scores", probe, "head/" + eg.FEATURES)  # the joined part, as the file will run it
+        err = float(np.abs(got - ref.values).max()) if got.shape == ref.values.shape else float("inf")
+    if not err <= SCORE_TOL * scale:
+        raise FeatureCacheError(f"--run {record['run_id']}: the ONNX conversion of head {record['head']!r} does not "
+                                f"reproduce its scores (largest difference {err:.3g}); heads that export: "
+                                f"{', '.join(exportable_heads())}")
+    _say(log, f"head: {type(pipeline[-1]).__name__ if hasattr(pipeline, 'steps') else type(pipeline).__name__} "
+              f"converted; {ref.kind} scores within {err:.2g} of the pickled head on {len(probe)} probe rows")
+    return head, ref.kind, err
+
+
+def _run_proto(proto, output: str, x: np.ndarray, input_name: str | None = None) -> np.ndarray:
+    from . import export_graph as eg
+    from .export_runtime import session
+
+    fd, path = tempfile.mkstemp(suffix=".onnx")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        return session(path).run([output], {input_name or eg.FEATURES: x})[0]
+    finally:
+        os.unlink(path)
+
+
+def backbone_part(record: dict, cache_dir: Path, log=None):
+    """(ONNX of preprocessed NHWC -> features, feature dims): our exporter on the rebuilt backbone."""
+    from . import export_graph as eg
+    from .backbones import get_backbone
+    from .backbones.weights import resolve_weights
+
+    key = record["feature_key"]
+    backbone = get_backbone(key["model"])
+    spec = record.get("spec", {})
+    weights = resolve_weights(backbone, spec.get("weights", record.get("weights")), spec.get("seed", 0), cache_dir)
+    if weights.id != key["weights"]:
+        raise FeatureCacheError(f"--run {record['run_id']}: the weights {weights.label!r} are now {weights.id}, but "
+                                f"the run's features came from {key['weights']}; fit the head again")
+    from .backbones.build import build_model
+    from .engines import onnx_export
+
+    _say(log, f"backbone: building {backbone.name} at {key['size']}px to {key['layer']} ({weights.label})")
+    model = build_model(backbone, weights, int(key["size"]))
+    try:
+        proto = onnx_export.export(model, [key["layer"]])
+    except onnx_export.Unsupported as e:
+        raise FeatureCacheError(f"--run {record['run_id']}: cannot write {backbone.name} as ONNX ({e})") from None
+    tap = onnx_export.output_name(key["layer"])
+    shape = tuple(d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:])
+    pool, dims = eg.pool_model("backbone/" + tap, shape, key["pool"])
+    net = eg.merge(eg.prefixed(proto, "backbone/"), pool, [("backbone/" + tap, "backbone/" + tap)],
+                   outputs=[eg.FEATURES])
+    pre = eg.preprocess_model(int(key["size"]), key["preprocess"], "backbone/" + onnx_export.INPUT)
+    return eg.merge(pre, net, [("backbone/" + onnx_export.INPUT, "backbone/" + onnx_export.INPUT)],
+                    outputs=[eg.FEATURES]), dims
+
+
+def metadata(record: dict, kind: str, classes) -> dict[str, str]:
+    key = record["feature_key"]
+    names = list(record["class_names"])
+    return {
+        "class_names": json.dumps(names),
+        "score_classes": json.dumps([names[int(c)] for c in classes]),
+        "score_kind": kind,
+        "run_id": record["run_id"],
+        "feature_key": json.dumps(key, sort_keys=True),
+        "features": record.get("features", ""),
+        "head": record["head"],
+        "normalize": str(record.get("normalize")),
+        "pca": str(record.get("pca")),
+        "input_size": str(key["size"]),
+        "input": f"images: uint8 (N, {key['size']}, {key['size']}, 3) RGB, resized by the caller",
+        "resize": key["resize"],
+        "precision": "float32",
+        "featurecache_version": __version__,
+        "outputs": "scores (N, K) float32 in score_classes order; label (N,) int64 index into class_names; "
+                   "label_name (N,) string",
+    }
+
+
+def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: str = "onnx",
+               precision: str = "float32", force: bool = False, log=None) -> dict:
+    """Write run `run_id` as one ONNX file; returns a summary (path, sizes, checks)."""
+    from .runs import load_head
+
+    t0 = time.perf_counter()
+    record, pipeline = load_head(cache_dir, run_id)
+    record.setdefault("run_id", run_id)
+    _check_request(fmt, precision, record)
+    out = Path(output) if output else Path(f"{run_id}.onnx")
+    if out.exists() and not force:
+        raise FeatureCacheError(f"-o {out}: exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise FeatureCacheError(f"-o {out}: is a folder; give a file name such as {out / (run_id + '.onnx')}")
+    if int(record.get("dims", 0)) and hasattr(pipeline, "n_features_in_") and \
+            int(pipeline.n_features_in_) != int(record["dims"]):
+        raise FeatureCacheError(f"--run {run_id}: head takes {pipeline.n_features_in_} features, the run says "
+                                f"{record['dims']}; fit the head again")
+    head, kind, err = head_part(record, pipeline, int(record["dims"]), cache_dir, log)  # fails before TF loads
+    net, dims = backbone_part(record, cache_dir, log)
+    if dims != int(record["dims"]):
+        raise FeatureCacheError(f"--run {run_id}: the rebuilt backbone gives {dims} features, the head takes "
+                                f"{record['dims']}; fit the head again")
+    from . import export_graph as eg
+
+    full = eg.merge(net, head, [(eg.FEATURES, "head/" + eg.FEATURES)], outputs=["scores", "label", "label_name"])
+    import onnx
+
+    from .heads import scores
+
+    classes = scores(pipeline, np.zeros((1, dims), np.float32)).classes
+    full.graph.name = f"featurecache {run_id}"
+    full.producer_name, full.producer_version = "featurecache", __version__
+    full.doc_string = (f"featurecache run {run_id}: {record.get('features', '')} -> {record['head']}. "
+                       "Input uint8 RGB NHWC at the input_size in metadata; outputs scores, label, label_name.")
+    del full.metadata_props[:]
+    for k, v in metadata(record, kind, classes).items():
+        full.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(full, full_check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_bytes(full.SerializeToString())
+    os.replace(tmp, out)
+    return {"path": str(out), "run_id": run_id, "bytes": out.stat().st_size, "input_size": int(record["size"]),
+            "features": record.get("features"), "head": record["head"], "score_kind": kind,
+            "head_max_difference": err, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ---- --check ----------------------------------------------------------------------------------------
+
+def run_file(model: Path, images: np.ndarray) -> dict:
+    """Run the file in a child process that imports only numpy and onnxruntime; its outputs and what it loaded."""
+    with tempfile.TemporaryDirectory(prefix="fc-export-check-") as tmp:
+        src, dst = Path(tmp) / "images.npy", Path(tmp) / "out.npz"
+        np.save(src, images)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-m", "featurecache.export_runtime", str(model), str(src), str(dst)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise FeatureCacheError(f"--check {model}: ONNX Runtime could not run it ({last[:300]})")
+        with np.load(dst) as z:
+            return {k: z[k] for k in z.files}
+
+
+def _read_meta(model: Path) -> dict:
+    from .export_runtime import metadata, session
+
+    if not Path(model).is_file():
+        raise FeatureCacheError(f"--check {model}: no such file")
+    try:
+        meta = metadata(session(str(model)))
+    except Exception as e:
+        raise FeatureCacheError(f"--check {model}: not an ONNX file ONNX Runtime can load "
+                                f"({str(e).strip().splitlines()[0][:200]})") from None
+    if "run_id" not in meta or "input_size" not in meta:
+        raise FeatureCacheError(f"--check {model}: no featurecache metadata (run_id, input_size); "
+                                "it was not written by `featurecache export`")
+    return meta
+
+
+def _read_size(backbone, spec_size, native) -> int:
+    """The input size featurecache reads images of side `native` at, for a run whose --size was `spec_size`."""
+    if spec_size:
+        return int(spec_size)
+    if native is None:
+        return backbone.default_size
+    return max(int(native), backbone.min_size)
+
+
+def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str | None = None,
+          engine: str = "auto", log=None) -> dict:
+    """Agreement of the file (plain ONNX Runtime) with `featurecache predict` on the run's test images."""
+    from .api import DataOptions
+    from .backbones import get_backbone
+    from .images import resize
+    from .runs import load_head
+
+    t0 = time.perf_counter()
+    meta = _read_meta(model)
+    size, method = int(meta["input_size"]), meta.get("resize", "nearest")
+    record, pipeline = load_head(cache_dir, meta["run_id"])
+    opts = DataOptions(**record["data_options"])
+    if data:
+        opts = replace(opts, data=data, data_dir=data_dir)
+    ds = opts.load()
+    native = ds.native_size()
+    backbone = get_backbone(record["feature_key"]["model"])
+    reads_at = _read_size(backbone, record.get("spec", {}).get("size"), native)
+    if reads_at != size:
+        seen = f"{native}x{native}" if native else "of mixed sizes"
+        raise FeatureCacheError(f"--check {model}: the images of {opts.data} are {seen}, which run {meta['run_id']} "
+                                f"reads at {reads_at}x{reads_at}, but the file takes {size}x{size}; check it on "
+                                f"images of the run's size (its own data: --data {record['data_options']['data']})")
+    test = ds.test.images
+    images = np.stack([resize(test.load(j), size, method) for j in range(len(test))]) if len(test) else \
+        np.zeros((0, size, size, 3), np.uint8)
+    _say(log, f"running {model} with ONNX Runtime alone on {len(test)} test images of {opts.data}")
+    got = run_file(model, images)
+    ref = _predict_rows(record, pipeline, ds, cache_dir, engine, log)
+    names = np.array([r["label"] for r in ref])
+    agree = int((got["label_name"] == names).sum()) if len(names) else 0
+    diff = float(np.abs(got["scores"] - np.stack([r["values"] for r in ref])).max()) if len(ref) else 0.0
+    return {"file": str(model), "run_id": meta["run_id"], "data": opts.data, "images": len(ref), "agree": agree,
+            "label_agreement": agree / len(ref) if len(ref) else 1.0, "max_score_difference": diff,
+            "score_kind": meta.get("score_kind"), "onnxruntime": str(got["onnxruntime_version"]),
+            "tensorflow_imported": bool(got["tensorflow_imported"]),
+            "sklearn_imported": bool(got["sklearn_imported"]), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _predict_rows(record, pipeline, ds, cache_dir, engine, log) -> list[dict]:
+    """What `featurecache predict` gives on the test images: the run's head on the run's vectors of them."""
+    from .extract import extract
+    from .heads import scores
+    from .predict import run_spec
+    from .store import FeatureStore
+
+    test = ds.test.images
+    if not len(test):
+        return []
+    res, _ = extract([test], run_spec(record), cache_dir, progress=False, log=log, engine=engine)
+    x = FeatureStore(cache_dir).get(res.set_ids[record["layer"]]).gather(test.ids)
+    from .predict import label_rows
+
+    values = scores(pipeline, x.copy()).values  # the normaliser works in place
+    rows = label_rows(test.ids, pipeline, x, record["class_names"], top=1)
+    return [{"label": r["label"], "values": v.astype(np.float32)} for r, v in zip(rows, values)]
+
+
+def describe_check(r: dict) -> str:
+    pct = 100.0 * r["label_agreement"]
+    verdict = "agree" if r["agree"] == r["images"] else "DISAGREE"
+    return (f"{r['file']}: labels {verdict} with `featurecache predict` on {r['agree']}/{r['images']} test images of "
+            f"{r['data']} ({pct:.2f}%); largest score difference {r['max_score_difference']:.3g} "
+            f"({r['score_kind']}); ONNX Runtime {r['onnxruntime']} in a process that "
+            f"{'DID' if r['tensorflow_imported'] else 'did not'} import TensorFlow; {r['seconds']:.1f} s")
