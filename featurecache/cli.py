@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,44 +13,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from .api import DataOptions, dataset_features, default_cache_dir, default_engine, extract_dataset
+from .api import DataOptions, default_cache_dir, default_engine, extract_dataset
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
+from .options import (DATA, FEATURES, RUN, SWEEP_FEATURES, BatchSize, CacheDir, DataDir, Engine, Json, MaxTest,
+                      MaxTrain, Model, Normalize, Quiet, RunOptions, Seed, Size, TestSize, takes)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top.")
+                  help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top. Defaults for "
+                       "any option can live in featurecache.toml (`featurecache init`).")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and clean the feature cache.")
 app.add_typer(cache_app, name="cache")
 
-# ---- options shared by several commands ----------------------------------------------------------
-Data = Annotated[str, typer.Option("--data", help="Folder of class subfolders (or train/ and test/), an .npz, "
-                                                  "or digits | fashion-mnist | mnist | cifar10.")]
-DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding a built-in dataset's files.")]
-TestSize = Annotated[float, typer.Option("--test-size", help="Test fraction when a dataset has no split.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the split, random weights and heads.")]
-MaxTrain = Annotated[Optional[int], typer.Option("--max-train", help="Use a stratified subset of N train images.")]
-MaxTest = Annotated[Optional[int], typer.Option("--max-test", help="Use a stratified subset of N test images.")]
-Model = Annotated[str, typer.Option("--model", help="Backbone; see `featurecache models`.")]
-Weights = Annotated[str, typer.Option("--weights", help="imagenet | random | an offline name (hed-bsds) | PATH.")]
-Layers = Annotated[Optional[list[str]], typer.Option("--layer", help="Layer tap (repeatable); default: the "
-                                                                    "model's last conv/pool output.")]
-Pool = Annotated[str, typer.Option("--pool", help="flatten | avg | max.")]
-Size = Annotated[Optional[int], typer.Option("--size", help="Input side in pixels (default: the images' own, "
-                                                            "raised to the model's minimum).")]
-Resize = Annotated[str, typer.Option("--resize", help="nearest | bilinear.")]
-Preprocess = Annotated[str, typer.Option("--preprocess", help="auto (the model's own) | scale01 (x/255).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (does not change vectors).")]
-CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache folder [default: ./cache or "
-                                                                      "$FEATURECACHE_DIR].")]
-Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Engine = Annotated[Optional[str], typer.Option("--engine", help="auto (the fastest installed) | tensorflow | "
-                                                               "onnxruntime | openvino; same vectors, same cache "
-                                                               "[default: auto or $FEATURECACHE_ENGINE].")]
-Precision = Annotated[str, typer.Option("--precision", help="float32 | int8 (post-training quantisation calibrated "
-                                                            "on your training images; a separate feature set).")]
-OnError = Annotated[str, typer.Option("--on-error", help="Unreadable images: fail (checks every image before "
-                                                         "any network work) | skip (leave them out, list them).")]
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and the "
+                                                                  "engines' own log lines.")] = False):
+    if verbose:
+        from . import quiet
+
+        quiet.uninstall()
 
 
 def _cache(cache_dir: Optional[Path]) -> Path:
@@ -102,24 +85,17 @@ def layers(model: Model, size: Size = None, cache_dir: CacheDir = None, as_json:
 
 # ---- extraction -------------------------------------------------------------------------------------
 @app.command("extract")
-def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet", layer: Layers = None,
-                pool: Pool = "flatten", size: Size = None, resize: Resize = "nearest",
-                preprocess: Preprocess = "auto", batch_size: BatchSize = 64, cache_dir: CacheDir = None,
-                data_dir: DataDir = None, test_size: TestSize = 0.25, seed: Seed = 0,
-                max_train: MaxTrain = None, max_test: MaxTest = None, as_json: Json = False, quiet: Quiet = False,
-                on_error: OnError = "fail", engine: Engine = None, precision: Precision = "float32"):
+@takes(data=DATA, spec=FEATURES, run=RUN)
+def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Json = False):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
-    opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
-    ds = opts.load()
-    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed, precision)
-    cache = _cache(cache_dir)
-    _, summary = extract_dataset(ds, spec, cache, batch_size, progress=not quiet and not as_json, log=_log,
-                                 on_error=on_error, engine=engine)
-    out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(cache))
+    ds = data.load()
+    _, summary = extract_dataset(ds, spec, run.cache_dir, run.batch_size, progress=run.progress, log=_log,
+                                 on_error=run.on_error, engine=run.engine)
+    out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(run.cache_dir))
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
-             f"{model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
+             f"{spec.model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
              + (f", {out['images_per_second']} images/s on {summary.engine}" if summary.computed else "")
-             + (", int8" if precision == "int8" else "")]
+             + (", int8" if spec.precision == "int8" else "")]
     for s in summary.sets:
         lines.append(f"  {s['layer']:<24} set {s['id']}  dims {s['dims']:>6}  computed {s['computed']:>6}  "
                      f"reused {s['reused']:>6}")
@@ -130,62 +106,52 @@ def extract_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet
 
 
 @app.command("plan")
-def plan_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet", layer: Layers = None,
-             pool: Pool = "flatten", size: Size = None, resize: Resize = "nearest", preprocess: Preprocess = "auto",
-             batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
-             test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
-             engine: Engine = None, precision: Precision = "float32", as_json: Json = False):
+@takes(data=DATA, spec=FEATURES, run=RUN)
+def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Json = False):
     """Before extracting: images to compute after the cache, expected time (short measured warm-up), disk size."""
     from .plan import describe, plan
 
-    ds = DataOptions(data, data_dir, test_size, seed, max_train, max_test).load()
-    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed, precision)
-    out = plan(ds, spec, _cache(cache_dir), engine or default_engine(), batch_size, log=_log)
+    ds = data.load()
+    out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=_log)
     _emit(dict(out, dataset=ds.name), as_json, describe(out))
 
 
 # ---- heads ------------------------------------------------------------------------------------------
 @app.command()
-def fit(data: Data, head: Annotated[str, typer.Option("--head", help="linsvc | svc | logreg | mlp | ridge | sgd | "
-                                                                      "knn | rf.")] = "linsvc",
-        model: Model = "vgg16", weights: Weights = "imagenet", layer: Layers = None, pool: Pool = "flatten",
-        size: Size = None, resize: Resize = "nearest", preprocess: Preprocess = "auto",
-        normalize: Annotated[str, typer.Option("--normalize", help="l2 | standard | none.")] = "l2",
-        pca: Annotated[Optional[int], typer.Option("--pca", help="Reduce to N dimensions first.")] = None,
+@takes(data=DATA, spec=FEATURES, run=RUN)
+def fit(data: DataOptions, spec: FeatureSpec, run: RunOptions,
+        head: Annotated[str, typer.Option("--head", help="linsvc | svc | logreg | mlp | ridge | sgd | knn | "
+                                                         "rf.")] = "linsvc",
+        normalize: Normalize = "l2",
+        pca: Annotated[Optional[int], typer.Option("--pca", min=1, help="Reduce to N dimensions first.")] = None,
         C: Annotated[Optional[float], typer.Option("--C", help="Inverse regularisation (linsvc, svc, logreg, ...).")] = None,
         kernel: Annotated[Optional[str], typer.Option("--kernel", help="svc kernel: rbf | linear | poly.")] = None,
         hidden: Annotated[Optional[str], typer.Option("--hidden", help="mlp hidden sizes, e.g. 512,100.")] = None,
-        max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="Iteration cap.")] = None,
-        max_depth: Annotated[Optional[int], typer.Option("--max-depth", help="rf tree depth.")] = None,
-        k: Annotated[Optional[int], typer.Option("--k", help="knn neighbours.")] = None,
+        max_iter: Annotated[Optional[int], typer.Option("--max-iter", min=1, help="Iteration cap.")] = None,
+        max_depth: Annotated[Optional[int], typer.Option("--max-depth", min=1, help="rf tree depth.")] = None,
+        k: Annotated[Optional[int], typer.Option("--k", min=1, help="knn neighbours.")] = None,
         calibrate: Annotated[bool, typer.Option("--calibrate", help="Calibrated probabilities for "
                                                                     "linear heads.")] = False,
         grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Cross-validated search on the train "
                                                                          "split, e.g. C=0.01,0.1,1.")] = None,
         do_extract: Annotated[bool, typer.Option("--extract", help="Extract missing features first "
                                                                    "instead of failing.")] = False,
-        batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
-        test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
         notes: Annotated[str, typer.Option("--notes", help="Free text stored with the run.")] = "",
-        as_json: Json = False, quiet: Quiet = False, engine: Engine = None, precision: Precision = "float32"):
+        as_json: Json = False):
     """Fit a head on cached features, evaluate it, save it as a run and add it to the ledger."""
-    from .fit import fit_head
+    from .fit import describe, fit_head
 
-    opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
-    spec = FeatureSpec(model, weights, tuple(layer or ()), pool, size, resize, preprocess, seed, precision)
     options = {"C": C, "kernel": kernel, "hidden": hidden, "max_iter": max_iter, "max_depth": max_depth,
                "k": k, "calibrate": calibrate or None}
-    record = fit_head(opts, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
-                      grid or [], _cache(cache_dir), compute=do_extract, batch_size=batch_size,
-                      progress=not quiet and not as_json, notes=notes, log=_log, engine=engine)
+    record = fit_head(data, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
+                      grid or [], run.cache_dir, compute=do_extract, batch_size=run.batch_size,
+                      progress=run.progress, notes=notes, log=_log, engine=run.engine, on_error=run.on_error)
     m = record["metrics"]
     if as_json:
         print(json.dumps({k: record[k] for k in ("run_id", "head", "features", "dims", "fit_seconds", "n_train",
                                                   "n_test", "grid", "run_dir")}
                          | {"train_accuracy": m["train_accuracy"], "test_accuracy": m["test_accuracy"]}, indent=1))
         return
-    from .fit import describe
-
     print(describe(record))
 
 
@@ -251,28 +217,27 @@ def classify(files: Annotated[list[Path], typer.Argument(help="Image files.")],
 
 
 @app.command("sweep")
-def sweep_cmd(data: Data, model: Model = "vgg16", weights: Weights = "imagenet",
+@takes(data=DATA, spec=SWEEP_FEATURES, run=RUN)
+def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions,
               layers: Annotated[str, typer.Option("--layers", help="all (each stage's output) or L1,L2,...")] = "all",
               sizes: Annotated[Optional[str], typer.Option("--sizes", help="Input sizes, e.g. 32,64 "
                                                                           "[default: the images' own].")] = None,
               heads: Annotated[str, typer.Option("--heads", help="Heads to fit on each tap, e.g. linsvc,logreg.")] = "linsvc",
-              pool: Pool = "flatten", normalize: Annotated[str, typer.Option("--normalize")] = "l2",
-              batch_size: BatchSize = 64, cache_dir: CacheDir = None, data_dir: DataDir = None,
-              test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None,
+              normalize: Normalize = "l2",
               plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG path [default: <cache>/sweep.png].")] = None,
-              as_json: Json = False, quiet: Quiet = False):
+              as_json: Json = False):
     """Extract several taps (one pass per size), fit heads on each, and recommend a layer and size."""
     from . import sweep as sweeps
 
-    cache = _cache(cache_dir)
-    opts = DataOptions(data, data_dir, test_size, seed, max_train, max_test)
     try:
         size_list = [int(s) for s in sizes.split(",")] if sizes else [None]
     except ValueError:
         raise FeatureCacheError(f"--sizes {sizes}: give whole numbers separated by commas, e.g. 32,64") from None
-    rows = sweeps.sweep(opts, model, weights, layers, size_list, [h.strip() for h in heads.split(",")], pool,
-                        cache, normalize, batch_size, progress=not quiet and not as_json, log=_log)
-    path = sweeps.plot(rows, plot or cache / "sweep.png", f"{model} ({weights}) on {data}: test accuracy by layer")
+    rows = sweeps.sweep(data, spec, layers, size_list, [h.strip() for h in heads.split(",")], run.cache_dir,
+                        normalize, run.batch_size, progress=run.progress, log=_log, engine=run.engine,
+                        on_error=run.on_error)
+    path = sweeps.plot(rows, plot or run.cache_dir / "sweep.png",
+                       f"{spec.model} ({spec.weights}) on {data.data}: test accuracy by layer")
     advice = sweeps.recommend(rows)
     if as_json:
         print(json.dumps({"rows": rows, "recommendation": advice, "plot": str(path)}, indent=1))
@@ -360,6 +325,55 @@ def cache_repair(set_ids: Annotated[list[str], typer.Argument(help="Sets to repa
         print(repair(fs, ds, sample, _cache(cache_dir), log=_log).line())
 
 
+# ---- project file ---------------------------------------------------------------------------------
+@app.command()
+@takes(data=DATA, spec=FEATURES, run=RUN)
+def init(ctx: typer.Context, data: DataOptions, spec: FeatureSpec, run: RunOptions,
+         force: Annotated[bool, typer.Option("--force", help="Replace an existing featurecache.toml.")] = False):
+    """Write featurecache.toml here: the options given become every command's defaults in this folder."""
+    from . import config
+    from .datasets import BUILTINS
+
+    path = Path.cwd() / config.FILENAME
+    if path.exists() and not force:
+        raise FeatureCacheError(f"{path} exists; edit it, or replace it with `featurecache init --force ...`")
+    if data.data not in BUILTINS and not Path(data.data).expanduser().exists():
+        raise FeatureCacheError(f"--data {data.data}: no such path or dataset; give a folder of class subfolders, "
+                                f"an .npz, or one of: {', '.join(BUILTINS)}")
+    given = {config.key_of(p): ctx.params[p.name] for p in ctx.command.params
+             if config.key_of(p) and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
+    text = ("# featurecache project file: defaults for every command run in this folder or below it.\n"
+            "# Any option works as a key (without its dashes); a [fit] or [serve] table sets one command's.\n"
+            + config.render(given))
+    from .store import write_atomic
+
+    write_atomic(path, text)
+    print(f"wrote {path}:\n" + config.render(given), end="")
+
+
+@app.command("config", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def config_cmd(ctx: typer.Context,
+               command: Annotated[Optional[list[str]], typer.Argument(
+                   help="A command (fit, cache verify) and, if you like, its flags: shows what that call would "
+                        "use.")] = None,
+               as_json: Json = False):
+    """The option values in force here and where each comes from: flag, environment, file or default."""
+    from . import config
+
+    root = ctx.find_root()
+    words = list(command or []) + list(ctx.args)
+    rows = config.in_force(root, words)
+    found = config.find()
+    if as_json:
+        print(json.dumps({"file": str(found) if found else None, "values": rows}, indent=1))
+        return
+    print(f"project file: {found}" if found else
+          f"project file: none in {Path.cwd()} or above (`featurecache init --data D` writes one)")
+    for key, row in rows.items():
+        print(f"  {key:<14} = {json.dumps(row['value']):<28} {row['source']}")
+
+
 # ---- quickstart ----------------------------------------------------------------------------------
 @app.command()
 def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
@@ -385,6 +399,42 @@ def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
           f"  cache: {cache.resolve()} (run again: a cache hit)  total {time.perf_counter() - t0:.1f} s")
 
 
+# ---- export (featurecache/export.py, docs/EXPORT.md) -------------------------------------------------
+@app.command("export")
+def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id printed by `featurecache fit`.")] = None,
+               fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+               precision: Annotated[str, typer.Option("--precision", help="float32 (int8: not yet, "
+                                                                          "see docs/EXPORT.md).")] = "float32",
+               output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write "
+                                                                                   "[default: ./<run id>.onnx].")] = None,
+               force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+               check: Annotated[Optional[Path], typer.Option("--check", help="Run an exported file with plain ONNX "
+                                                                             "Runtime on the run's test images and "
+                                                                             "compare with `featurecache predict`.")] = None,
+               data: Annotated[Optional[str], typer.Option("--data", help="With --check: the data to take the test "
+                                                                          "split of [default: the run's].")] = None,
+               data_dir: DataDir = None, cache_dir: CacheDir = None, engine: Engine = None, as_json: Json = False):
+    """A fitted run as one ONNX file (uint8 images in; scores and label out), or --check such a file."""
+    from . import export as fc_export
+
+    if check is not None:
+        if run is not None:
+            raise FeatureCacheError("--check reads the run id from the file's metadata; drop --run")
+        r = fc_export.check(check, _cache(cache_dir), data, data_dir, engine or default_engine(), log=_log)
+        _emit(r, as_json, fc_export.describe_check(r))
+        if r["agree"] != r["images"]:
+            raise typer.Exit(1)
+        return
+    if data is not None:
+        raise FeatureCacheError("--data goes with --check; export takes everything from the run")
+    if run is None:
+        raise FeatureCacheError("give --run ID to export, or --check FILE to check an exported file")
+    r = fc_export.export_run(run, _cache(cache_dir), output, fmt, precision, force, log=_log)
+    _emit(r, as_json, f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB): {r['features']} -> {r['head']}, uint8 "
+                      f"{r['input_size']}x{r['input_size']} RGB in, {r['score_kind']} scores and label out; "
+                      f"head within {r['head_max_difference']:.2g} of the pickled one; {r['seconds']:.1f} s")
+
+
 # ---- serving --------------------------------------------------------------------------------------
 @app.command()
 def serve(run: Annotated[str, typer.Option("--run", help="Run id printed by `featurecache fit`.")],
@@ -408,26 +458,50 @@ def serve(run: Annotated[str, typer.Option("--run", help="Run id printed by `fea
 
 
 def main() -> None:
-    """Entry point: user errors become one line and exit status 2, never a traceback."""
-    try:
-        app(standalone_mode=False)
-    except FeatureCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted; finished work is stored, rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort,):
-        sys.exit(1)
-    except Exception as e:  # click usage errors carry their own exit codes
-        import click
+    """Entry point: user errors become one line and exit status 2, never a traceback.
 
-        if isinstance(e, click.ClickException):
-            e.show()
+    Typer vendors its own copy of click in recent releases, so click's exceptions are recognised by what
+    they offer (an exit code and a formatted message), not by class: the same code serves both.
+    """
+    from . import config, quiet
+
+    args = sys.argv[1:]
+    if "--verbose" in args:  # accepted anywhere on the line, not only before the command
+        args = [a for a in args if a != "--verbose"]
+        os.environ["FEATURECACHE_DEBUG"] = "1"
+    quiet.install()
+    try:
+        command = typer.main.get_command(app)
+        found = config.find()
+        defaults = config.default_map(command, config.load(found, command)) if found else None
+        command.main(args=args, prog_name="featurecache", standalone_mode=False, default_map=defaults)
+    except FeatureCacheError as e:
+        _fail(f"error: {e}", 2)
+    except KeyboardInterrupt:
+        _fail("error: interrupted; finished work is stored, rerun the same command to continue", 130)
+    except (typer.Exit, typer.Abort) as e:
+        sys.exit(getattr(e, "exit_code", 1))
+    except Exception as e:
+        if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
+            raise
+        if not e.format_message().strip():  # no arguments at all: click has printed the help already
             sys.exit(e.exit_code)
-        raise
+        _fail(_usage_line(e), e.exit_code)
+
+
+def _usage_line(e) -> str:
+    """click's usage error as one line: what was wrong, then where to read the command's usage."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "featurecache"
+    if "Missing option" in message and "'--data'" in message:
+        message += " Give --data, or set it once with `featurecache init --data D`."
+    return f"error: {message} (usage: `{path} --help`)"
+
+
+def _fail(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,15 @@ def stage_outputs(taps: list[Tap]) -> list[str]:
     return out
 
 
-def sweep(data: DataOptions, model: str, weights: str, layers: str, sizes: list[int | None], heads: list[str],
-          pool: str, cache_dir: Path, normalize: str = "l2", batch_size: int = 64, progress: bool = True,
-          log=print) -> list[dict]:
-    backbone = get_backbone(model)
+def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | None], heads: list[str],
+          cache_dir: Path, normalize: str = "l2", batch_size: int = 64, progress: bool = True,
+          log=print, engine: str | None = None, on_error: str = "fail") -> list[dict]:
+    """`spec` holds every feature option but the taps and the size, which the sweep varies."""
+    backbone = get_backbone(spec.model)
     ds = data.load()
     rows = []
     for size in sizes:
-        base = FeatureSpec(model, weights, (), pool, size, seed=data.seed)
+        base = replace(spec, layers=(), size=size)
         if layers == "all":
             probe = size or (max(ds.native_size() or 0, backbone.min_size) if ds.native_size() else
                              backbone.default_size)
@@ -48,12 +49,13 @@ def sweep(data: DataOptions, model: str, weights: str, layers: str, sizes: list[
             names = [n.strip() for n in layers.split(",") if n.strip()]
         if not names:
             raise FeatureCacheError("--layers: give `all` or a comma-separated list of layer names")
-        res, summary = extract_dataset(ds, replace(base, layers=tuple(names)), cache_dir, batch_size, progress, log)
+        res, summary = extract_dataset(ds, replace(base, layers=tuple(names)), cache_dir, batch_size, progress, log,
+                                       on_error, engine)
         extract_seconds = summary.seconds
         for name in names:
             for head in heads:
                 record = fit_head(data, replace(base, layers=(name,)), head, {}, normalize, None, [], cache_dir,
-                                  progress=False, notes="sweep", log=log)
+                                  progress=False, notes="sweep", log=log, engine=engine)
                 rows.append({"layer": name, "size": res.size, "head": head, "dims": record["dims"],
                              "extract_seconds": round(extract_seconds, 1), "fit_seconds": record["fit_seconds"],
                              "train_accuracy": record["metrics"]["train_accuracy"],

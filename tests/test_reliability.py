@@ -305,14 +305,15 @@ def test_reading_one_set_while_another_process_extracts_another(small, cache):
 
 
 def test_lock_without_flock_falls_back_and_says_so(tmp_path, monkeypatch):
+    """A file system without flock(2), simulated at the operating-system call (the standard library's
+    `fcntl.flock` answers ENOSYS, as NFS mounted `nolock` or some FUSE mounts do), not inside filelock."""
     import errno
-
-    import filelock._unix as unix
+    import fcntl
 
     def no_flock(fd, op):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(unix.fcntl, "flock", no_flock)
+    monkeypatch.setattr(fcntl, "flock", no_flock)
     fs = FeatureStore(tmp_path).open(key_id({"k": 1}), {"k": 1}, 2)
     said = []
     with fs.lock(notify=said.append):

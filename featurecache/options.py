@@ -1,0 +1,148 @@
+"""Command-line options, declared once, and the value objects they fill.
+
+Every option a command takes is declared here, with its constraint (a `Literal` becomes a checked
+choice, so a bad value is click's one-line usage error rather than a check of ours). Commands do not
+list the feature, data and run options one by one: `takes(data=DATA, spec=FEATURES, run=RUN)` adds a
+group's options to a command's signature and hands the command one value object per group. So
+`extract`, `fit`, `plan` and `sweep` accept the same `--resize`, `--preprocess`, `--precision` and
+`--engine`, and `featurecache.toml` (featurecache/config.py) can set any of them for every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional
+
+import typer
+
+POOLS = ("flatten", "avg", "max")
+RESIZES = ("nearest", "bilinear")
+PREPROCESSES = ("auto", "scale01")
+ENGINES = ("auto", "tensorflow", "onnxruntime", "openvino")
+PRECISIONS = ("float32", "int8")
+ON_ERRORS = ("fail", "skip")
+NORMALIZES = ("l2", "standard", "none")
+
+Data = Annotated[str, typer.Option("--data", help="Folder of class subfolders (or train/ and test/), an .npz, "
+                                                  "or digits | fashion-mnist | mnist | cifar10.")]
+DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding a built-in dataset's files.")]
+TestSize = Annotated[float, typer.Option("--test-size", help="Test fraction when a dataset has no split.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the split, random weights and heads.")]
+MaxTrain = Annotated[Optional[int], typer.Option("--max-train", min=1, help="Use a stratified subset of N train "
+                                                                            "images.")]
+MaxTest = Annotated[Optional[int], typer.Option("--max-test", min=1, help="Use a stratified subset of N test images.")]
+Model = Annotated[str, typer.Option("--model", help="Backbone; see `featurecache models`.")]
+Weights = Annotated[str, typer.Option("--weights", help="imagenet | random | an offline name (hed-bsds) | PATH.")]
+Layers = Annotated[Optional[list[str]], typer.Option("--layer", help="Layer tap (repeatable); default: the "
+                                                                    "model's last conv/pool output.")]
+Pool = Annotated[Literal["flatten", "avg", "max"], typer.Option("--pool", help="How a tap's map becomes a vector.")]
+Size = Annotated[Optional[int], typer.Option("--size", min=1, help="Input side in pixels (default: the images' "
+                                                                   "own, raised to the model's minimum).")]
+Resize = Annotated[Literal["nearest", "bilinear"], typer.Option("--resize", help="How images reach --size.")]
+Preprocess = Annotated[Literal["auto", "scale01"], typer.Option("--preprocess", help="auto (the model's own) | "
+                                                                                     "scale01 (x/255).")]
+Precision = Annotated[Literal["float32", "int8"], typer.Option(
+    "--precision", help="int8: post-training quantisation calibrated on your training images (a separate "
+                        "feature set).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass (does not change "
+                                                                    "vectors).")]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FEATURECACHE_DIR",
+                                                  help="Cache folder [default: ./cache, or next to "
+                                                       "featurecache.toml].")]
+Engine = Annotated[Optional[Literal["auto", "tensorflow", "onnxruntime", "openvino"]], typer.Option(
+    "--engine", envvar="FEATURECACHE_ENGINE", help="What runs the network; same vectors, same cache "
+                                                   "[default: auto, the fastest installed].")]
+OnError = Annotated[Literal["fail", "skip"], typer.Option(
+    "--on-error", help="Unreadable images: fail (checks every image before any network work) | skip (leave "
+                       "them out, list them).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
+Normalize = Annotated[Literal["l2", "standard", "none"], typer.Option("--normalize", help="Row scaling before the "
+                                                                                         "head.")]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Options that together fill one value object: name -> (annotation, default), and the builder."""
+    fields: dict[str, tuple[Any, Any]]
+    build: Callable[[dict], Any]
+
+
+def _data(v: dict):
+    from .api import DataOptions
+
+    return DataOptions(v["data"], v["data_dir"], v["test_size"], v["seed"], v["max_train"], v["max_test"])
+
+
+def _features(v: dict):
+    from .extract import FeatureSpec
+
+    return FeatureSpec(v["model"], v["weights"], tuple(v.get("layer") or ()), v["pool"], v.get("size"),
+                       v["resize"], v["preprocess"], v["seed"], v["precision"])
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, never what it computes: none of these changes a vector."""
+    cache_dir: Path
+    engine: str = "auto"
+    batch_size: int = 64
+    progress: bool = True
+    on_error: str = "fail"
+
+
+def _run(v: dict) -> RunOptions:
+    from .api import default_cache_dir, default_engine
+
+    return RunOptions(Path(v["cache_dir"]) if v.get("cache_dir") else default_cache_dir(),
+                      v.get("engine") or default_engine(), v.get("batch_size", 64),
+                      not v.get("quiet", False) and not v.get("as_json", False), v.get("on_error", "fail"))
+
+
+REQUIRED = inspect.Parameter.empty
+DATA = Group({"data": (Data, REQUIRED), "data_dir": (DataDir, None), "test_size": (TestSize, 0.25),
+              "seed": (Seed, 0), "max_train": (MaxTrain, None), "max_test": (MaxTest, None)}, _data)
+FEATURES = Group({"model": (Model, "vgg16"), "weights": (Weights, "imagenet"), "layer": (Layers, None),
+                  "pool": (Pool, "flatten"), "size": (Size, None), "resize": (Resize, "nearest"),
+                  "preprocess": (Preprocess, "auto"), "seed": (Seed, 0), "precision": (Precision, "float32")},
+                 _features)
+# sweep names its own taps (--layers) and sizes (--sizes): the same feature options less those two.
+SWEEP_FEATURES = Group({k: v for k, v in FEATURES.fields.items() if k not in ("layer", "size")}, _features)
+RUN = Group({"cache_dir": (CacheDir, None), "engine": (Engine, None), "batch_size": (BatchSize, 64),
+             "on_error": (OnError, "fail"), "quiet": (Quiet, False)}, _run)
+
+
+def takes(**groups: Group):
+    """Decorator: add each group's options to a command and pass it one value object per group.
+
+    The command's own parameters come first in --help, then the groups' in declaration order; a field
+    two groups share (`--seed`: the split's and random weights') is one option that fills both.
+    """
+    def wrap(func):
+        hints = typing.get_type_hints(func, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(func).parameters.values() if p.name not in groups]
+        names = {p.name for p in own}
+        added = []
+        for group in groups.values():
+            for name, (annotation, default) in group.fields.items():
+                if name not in names:
+                    names.add(name)
+                    added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                   annotation=annotation))
+        own_names = {p.name for p in own}
+
+        @functools.wraps(func)
+        def command(**values):
+            built = {gname: g.build(values) for gname, g in groups.items()}
+            return func(**{k: v for k, v in values.items() if k in own_names}, **built)
+
+        command.__signature__ = inspect.Signature(own + added)
+        command.__annotations__ = {p.name: p.annotation for p in own + added}
+        del command.__wrapped__  # typer must read the new signature, not the function's own
+        return command
+    return wrap
