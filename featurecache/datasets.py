@@ -20,6 +20,7 @@ import numpy as np
 
 from . import images
 from .errors import FeatureCacheError
+from .sampling import train_test_indices
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 BUILTINS = ("digits", "fashion-mnist", "mnist", "cifar10")
@@ -172,18 +173,13 @@ def _subsample(split: Split, n: int | None, seed: int, option: str) -> Split:
         return split
     if n < 1:
         raise FeatureCacheError(f"{option} {n}: must be at least 1")
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(split))
     counts = np.bincount(split.labels)
-    stratify = split.labels if counts[counts > 0].min() >= 2 and n >= len(counts) else None
-    keep, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=stratify)
+    stratify = bool(counts[counts > 0].min() >= 2 and n >= len(counts))
+    keep, _ = train_test_indices(split.labels, seed, train_size=n, stratify=stratify)
     return split.subset(np.sort(keep))
 
 
 def _stratified_split(images_, labels, test_size: float, seed: int, name: str):
-    from sklearn.model_selection import train_test_split
-
     if not 0 < test_size < 1:
         raise FeatureCacheError(f"--test-size {test_size}: must be between 0 and 1 (e.g. 0.25)")
     labels = np.asarray(labels)
@@ -192,8 +188,7 @@ def _stratified_split(images_, labels, test_size: float, seed: int, name: str):
         small = [i for i, c in enumerate(counts) if c == 1]
         raise FeatureCacheError(f"--data {name}: class index {small[0]} has a single image; "
                                 "each class needs at least two to split into train and test")
-    tr, te = train_test_split(np.arange(len(labels)), test_size=test_size, random_state=seed,
-                              stratify=labels)
+    tr, te = train_test_indices(labels, seed, test_size=test_size)
     tr, te = np.sort(tr), np.sort(te)
     return Split(images_.subset(tr), labels[tr]), Split(images_.subset(te), labels[te])
 

@@ -1,9 +1,14 @@
 import gzip
+import math
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import write_cifar_archive, write_digit_folder
 from featurecache.datasets import FASHION_MNIST_DIR, load_dataset
@@ -119,3 +124,41 @@ def test_bad_datasets_give_one_line(tmp_path, make, words):
     with pytest.raises(FeatureCacheError, match=words) as e:
         load_dataset(str(target))
     assert "\n" not in str(e.value)
+
+
+# ---- the numpy sampler picks what scikit-learn picked (existing subsets, splits and keys stay) ----------
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=4, max_size=120), st.integers(0, 2**31 - 1), st.data())
+def test_numpy_sampler_picks_the_images_train_test_split_picked(labels, seed, data):
+    from sklearn.model_selection import train_test_split
+
+    from featurecache.sampling import train_test_indices
+
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    idx = np.arange(len(labels))
+    n = data.draw(st.integers(1, len(labels) - 1))
+    want, want_rest = train_test_split(idx, train_size=n, random_state=seed)  # a plain subset
+    got, got_rest = train_test_indices(labels, seed, train_size=n, stratify=False)
+    assert got.tolist() == want.tolist() and got_rest.tolist() == want_rest.tolist()
+    present = counts[counts > 0]
+    if present.min() >= 2 and len(labels) - n >= len(present) <= n:  # where scikit-learn can stratify
+        want, want_rest = train_test_split(idx, train_size=n, random_state=seed, stratify=labels)
+        got, got_rest = train_test_indices(labels, seed, train_size=n)
+        assert got.tolist() == want.tolist() and got_rest.tolist() == want_rest.tolist()
+        test_size = data.draw(st.sampled_from([0.1, 0.25, 0.3, 0.5]))
+        if min(math.ceil(test_size * len(labels)), len(labels) - math.ceil(test_size * len(labels))) >= len(present):
+            want, want_rest = train_test_split(idx, test_size=test_size, random_state=seed, stratify=labels)
+            got, got_rest = train_test_indices(labels, seed, test_size=test_size)
+            assert got.tolist() == want.tolist() and got_rest.tolist() == want_rest.tolist()
+
+
+def test_a_subset_cache_hit_does_not_import_scikit_learn(tmp_path):
+    """--max-train/--max-test on a built-in dataset: the split and subset come from numpy alone."""
+    code = ("import sys; from featurecache.api import DataOptions; "
+            "ds = DataOptions('digits', max_train=100, max_test=50).load(); "
+            "assert len(ds.train) == 100 and len(ds.test) == 50; "
+            "print(sorted(m for m in sys.modules if m.startswith('sklearn.model_selection')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
