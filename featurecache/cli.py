@@ -47,6 +47,10 @@ def _emit(obj, as_json: bool, text: str) -> None:
     print(json.dumps(obj, indent=1) if as_json else text)
 
 
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
 # ---- models and layers -------------------------------------------------------------------------------
 @app.command()
 def models(as_json: Json = False):
@@ -252,8 +256,10 @@ def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions,
 
 # ---- cache ------------------------------------------------------------------------------------------
 @cache_app.command("ls")
-def cache_ls(cache_dir: CacheDir = None, as_json: Json = False):
-    """Feature sets with their key parts, image count and size on disk."""
+def cache_ls(cache_dir: CacheDir = None, as_json: Json = False,
+             graphs_only: Annotated[bool, typer.Option("--graphs", help="With --json: list the converted engine "
+                                                                        "graphs instead of the feature sets.")] = False):
+    """Feature sets with their key parts, image count and size on disk; converted graphs with their last use."""
     from .store import FeatureStore
 
     rows = []
@@ -265,8 +271,14 @@ def cache_ls(cache_dir: CacheDir = None, as_json: Json = False):
                      "key": k})
     text = "\n".join(f"{r['id']}  {r['model']:<18} {r['layer']:<22} {r['pool']:<7} {r['size']:>4}px "
                      f"{r['resize']:<8} {r['preprocess']:<7} {r['weights']:<28} dims {r['dims']:>6} "
-                     f"images {r['images']:>7}  {r['bytes'] / 1e6:8.1f} MB" for r in rows) or "(empty)"
-    _emit(rows, as_json, text)
+                     f"images {r['images']:>7}  {r['bytes'] / 1e6:8.1f} MB" for r in rows) or "(no feature sets)"
+    from .prune import graphs
+
+    converted = [e.as_dict() for e in graphs(_cache(cache_dir))]
+    text += "\nconverted graphs (`cache prune` removes the least recently used):\n" + ("\n".join(
+        f"{g['id']}  {g['bytes'] / 1e6:8.1f} MB  last used {_when(g['last_used'])}"
+        for g in converted) or "(none)")
+    _emit(converted if graphs_only else rows, as_json, text)
 
 
 @cache_app.command("rm")
@@ -280,6 +292,29 @@ def cache_rm(set_ids: Annotated[list[str], typer.Argument(help="Feature-set ids 
         fs = store.find(sid)
         store.remove(fs.id)
         print(f"removed {fs.id}")
+
+
+@cache_app.command("prune")
+def cache_prune(cache_dir: CacheDir = None,
+                max_size: Annotated[Optional[str], typer.Option("--max-size", help="Keep at most this much, least "
+                                                                               "recently used first out (e.g. 5GB).")] = None,
+                older_than: Annotated[Optional[str], typer.Option("--older-than", help="Remove what was not used "
+                                                                                      "for this long (e.g. 30d).")] = None,
+                features: Annotated[bool, typer.Option("--features", help="Also feature sets (hours of work each), "
+                                                                          "never one being written.")] = False,
+                dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+                as_json: Json = False):
+    """Remove least recently used converted graphs (and, with --features, feature sets) from the cache."""
+    from .prune import parse_age, parse_size, prune
+
+    out = prune(_cache(cache_dir), parse_size(max_size) if max_size else None,
+                parse_age(older_than) if older_than else None, features, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {e['kind']:<8} {e['id']}  {e['bytes'] / 1e6:8.1f} MB  last used {_when(e['last_used'])}"
+             for e in out["removed"]]
+    lines += [f"skipped  {e['kind']:<8} {e['id']}: {e['reason']}" for e in out["skipped"]]
+    lines.append(f"{verb} {out['freed_bytes'] / 1e6:.1f} MB; {out['kept_bytes'] / 1e6:.1f} MB kept")
+    _emit(out, as_json, "\n".join(lines))
 
 
 VerifyData = Annotated[Optional[str], typer.Option("--data", help="Also recompute a few stored rows from this "

@@ -1,0 +1,132 @@
+"""Keeping the cache small: least recently used converted graphs (and, when asked, feature sets) go first.
+
+Converted engine graphs (`cache/engines/<id>/`, ~58 MB for vgg16, one per model, size and tap set) are
+pure derivatives: removing one costs a conversion next time. Feature sets are hours of work, so
+they are pruned only with `--features`, and never one that a writer holds (its lock is tried
+without waiting; a held set is skipped and named). "Last use" is the newest of a folder's
+`.last_used` marker (touched when a graph is loaded or a set is read) and its files' times.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FeatureCacheError
+
+MARKER = ".last_used"
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_AGE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*$", re.IGNORECASE)
+_AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def touch(folder: Path) -> None:
+    """Record a use of a cache folder (best effort: a read-only cache still works)."""
+    try:
+        (Path(folder) / MARKER).touch()
+    except OSError:
+        pass
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text or "")
+    if not m:
+        raise FeatureCacheError(f"--max-size {text}: give a size such as 500MB, 5GB or 1.5GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
+    return int(number * (1024 if binary else 1000) ** " kmgt".index(unit or " "))
+
+
+def parse_age(text: str) -> float:
+    m = _AGE.match(text or "")
+    if not m:
+        raise FeatureCacheError(f"--older-than {text}: give an age such as 12h, 30d or 2w")
+    return float(m.group(1)) * _AGE_SECONDS[m.group(2).lower()]
+
+
+@dataclass
+class Entry:
+    kind: str  # graph | features
+    id: str
+    folder: Path
+    bytes: int
+    last_used: float
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "id": self.id, "bytes": self.bytes, "last_used": self.last_used,
+                "folder": str(self.folder)}
+
+
+def _usage(folder: Path) -> tuple[int, float]:
+    size, newest = 0, folder.stat().st_mtime
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except FileNotFoundError:  # a writer's temporary file, renamed meanwhile
+                continue
+            size += st.st_size
+            newest = max(newest, st.st_mtime)
+    return size, newest
+
+
+def graphs(cache_dir: Path) -> list[Entry]:
+    root = Path(cache_dir) / "engines"
+    out = []
+    for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        size, used = _usage(folder)
+        out.append(Entry("graph", folder.name, folder, size, used))
+    return out
+
+
+def feature_sets(cache_dir: Path) -> list[Entry]:
+    from .store import FeatureStore
+
+    out = []
+    for fs in FeatureStore(cache_dir).all():
+        size, used = _usage(fs.folder)
+        out.append(Entry("features", fs.id, fs.folder, size, used))
+    return out
+
+
+def plan(cache_dir: Path, max_size: int | None, older_than: float | None, features: bool,
+         now: float | None = None) -> tuple[list[Entry], list[Entry]]:
+    """(to remove, to keep), least recently used first: everything older than `older_than`, then
+    more of the oldest until what is left fits in `max_size`."""
+    if max_size is None and older_than is None:
+        raise FeatureCacheError("cache prune: give --max-size (e.g. 5GB) and/or --older-than (e.g. 30d)")
+    now = time.time() if now is None else now
+    entries = sorted(graphs(cache_dir) + (feature_sets(cache_dir) if features else []), key=lambda e: e.last_used)
+    gone = [e for e in entries if older_than is not None and now - e.last_used > older_than]
+    kept = [e for e in entries if e not in gone]
+    while max_size is not None and kept and sum(e.bytes for e in kept) > max_size:
+        gone.append(kept.pop(0))
+    return gone, kept
+
+
+def prune(cache_dir: Path, max_size: int | None = None, older_than: float | None = None, features: bool = False,
+          dry_run: bool = False) -> dict:
+    """Remove what `plan` picks; a feature set whose lock is held is skipped and named."""
+    from .store import FeatureStore
+
+    gone, kept = plan(cache_dir, max_size, older_than, features)
+    removed, skipped = [], []
+    for e in gone:
+        if dry_run:
+            removed.append(e)
+            continue
+        try:
+            if e.kind == "features":
+                FeatureStore(cache_dir).remove(e.id)  # refuses a set a writer holds
+            else:
+                shutil.rmtree(e.folder)
+        except FeatureCacheError as err:
+            skipped.append((e, str(err)))
+            continue
+        removed.append(e)
+    return {"removed": [e.as_dict() for e in removed], "freed_bytes": sum(e.bytes for e in removed),
+            "skipped": [dict(e.as_dict(), reason=why) for e, why in skipped],
+            "kept_bytes": sum(e.bytes for e in kept) + sum(e.bytes for e, _ in skipped), "dry_run": dry_run}
