@@ -1,4 +1,4 @@
-"""Extraction: images -> (upsizing, preprocessing) -> backbone taps -> pooled vectors -> store.
+"""Extraction: images -> encoder (featurecache.encoder) -> vectors per tap -> feature store.
 
 Only images missing from a feature set go through the network; all missing taps of one model share
 one forward pass; vectors stream to disk part by part, so memory does not grow with the dataset and a
@@ -14,98 +14,25 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from . import images as imagelib
-from .backbones import Backbone, get_backbone, preprocess, preprocess_mode
-from .backbones.weights import Weights, resolve_weights
-from .engines import choose, precision_key
+from . import encoder as encoderlib
+from .engines import choose
 from .errors import FeatureCacheError
-from .fingerprint import feature_key, key_id
-from .store import FeatureSet, FeatureStore
-from .taps import check_layers, check_pool, default_layer, pool_maps
-
-RESIZES = tuple(imagelib.RESIZE_METHODS)
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """The options that shape feature vectors (one spec may name several taps)."""
-    model: str
-    weights: str = "imagenet"
-    layers: tuple[str, ...] = ()
-    pool: str = "flatten"
-    size: int | None = None
-    resize: str = "nearest"
-    preprocess: str = "auto"
-    seed: int = 0  # of random weights
-    precision: str = "float32"  # or int8: a different feature set
-    calibration: str = ""  # int8 only: id of the training-image sample it was calibrated on (`calibrated`)
+from .settings import (ON_ERROR, RESIZES, FeatureSpec, Resolved, RunSettings,  # noqa: F401  (re-exported)
+                       calibrated, calibration_sample, resolve)
+from .store import FeatureStore
+from .taps import check_layers
 
 
-def calibrated(spec: FeatureSpec, train_ids: list[str]) -> FeatureSpec:
-    """`spec` with its int8 calibration sample named (drawn from `train_ids`); float32 specs unchanged."""
-    from .engines import check_precision
-
-    if check_precision(spec.precision) != "int8" or spec.calibration:
-        return spec
-    from dataclasses import replace
-
-    from .engines.int8 import calibration_sample
-
-    if not train_ids:
-        raise FeatureCacheError("--precision int8: no training images to calibrate on; use --precision float32")
-    return replace(spec, calibration=calibration_sample(train_ids)[1])
-
-
-@dataclass
-class Resolved:
-    """A spec made concrete for one dataset: size, layer names, keys and set ids."""
-    backbone: Backbone
-    weights: Weights
-    size: int
-    preprocess_mode: str
-    pool: str
-    resize: str
-    layers: list[str]
-    keys: dict[str, dict]
-    set_ids: dict[str, str]
-    notices: list[str] = field(default_factory=list)
-    precision: str = "float32"
-    calibration: str = ""
-
-
-def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Resolved:
-    """Everything needed for a cache lookup, without importing TensorFlow."""
-    backbone = get_backbone(spec.model)
-    check_pool(spec.pool)
-    if spec.resize not in RESIZES:
-        raise FeatureCacheError(f"--resize {spec.resize}: unknown; use one of {', '.join(RESIZES)}")
-    notices = []
-    if spec.size is not None:
-        size = spec.size
-    elif native_size is None:
-        size = backbone.default_size
-    elif native_size < backbone.min_size:
-        size = backbone.min_size
-        notices.append(f"images are {native_size}x{native_size}, below {backbone.name}'s minimum; "
-                       f"upsizing to {size}x{size} ({spec.resize}); set --size to choose")
-    else:
-        size = native_size
-    backbone.check_size(size)
-    mode = preprocess_mode(backbone, spec.preprocess)
-    weights = resolve_weights(backbone, spec.weights, spec.seed, cache_dir)
-    layers = list(dict.fromkeys(spec.layers)) or [default_layer(backbone, size, cache_dir)]
-    if spec.precision == "int8" and not spec.calibration:
-        raise FeatureCacheError("--precision int8: no calibration sample named; pass the spec through "
-                                "featurecache.extract.calibrated(spec, train_ids) first")
-    precision = precision_key(spec.precision, spec.calibration)
-    keys = {layer: feature_key(backbone.name, weights.id, layer, spec.pool, size, spec.resize, mode,
-                               precision=precision) for layer in layers}
-    return Resolved(backbone, weights, size, mode, spec.pool, spec.resize, layers, keys,
-                    {layer: key_id(k) for layer, k in keys.items()}, notices, spec.precision, spec.calibration)
+def source_item(source, index: int):
+    """What the encoder reads for one image of a source: a file's path (so the encoder decodes it, and
+    can check it cheaply first), else the source's own loader, called only when the batch is decoded."""
+    paths = getattr(source, "paths", None)
+    return paths[index] if paths is not None else partial(source.load, index)
 
 
 class Sources:
@@ -116,25 +43,13 @@ class Sources:
         self.ids = [i for s in self.sources for i in s.ids]
         self.where = [(k, j) for k, s in enumerate(self.sources) for j in range(len(s))]
 
-    def load(self, position: int, size: int, resize: str) -> np.ndarray:
+    def item(self, position: int):
         k, j = self.where[position]
-        return imagelib.resize(self.sources[k].load(j), size, resize)
+        return source_item(self.sources[k], j)
 
     def name(self, position: int) -> str:
         k, j = self.where[position]
         return self.sources[k].name(j)
-
-    def checkable(self, position: int) -> bool:
-        return hasattr(self.sources[self.where[position][0]], "check")  # arrays cannot be unreadable
-
-    def check(self, position: int) -> str | None:
-        """Why the image does not decode, or None when it does."""
-        k, j = self.where[position]
-        try:
-            self.sources[k].check(j)
-        except FeatureCacheError as e:
-            return str(e)
-        return None
 
 
 @dataclass
@@ -162,9 +77,6 @@ class Summary:
                 "images_per_second": round(self.computed / self.seconds, 1) if self.computed else None,
                 "sets": self.sets, "notices": self.notices, "skipped": self.skipped, "engine": self.engine,
                 "precision": self.precision}
-
-
-ON_ERROR = ("fail", "skip")
 
 
 @dataclass
@@ -198,36 +110,36 @@ def pending(sources, res: Resolved, store: FeatureStore) -> Pending:
 def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None = None,
             batch_size: int = 64, progress: bool = True, log=None,
             on_error: str = "fail", engine: str = "auto") -> tuple[Resolved, Summary]:
+    """`run_extract` with the run settings given one by one."""
+    return run_extract(sources, spec, RunSettings(cache_dir, engine, batch_size, progress, on_error, log), native_size)
+
+
+def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int | None = None
+                ) -> tuple[Resolved, Summary]:
     """Make sure every image of `sources` has a vector in every requested tap's feature set.
 
     Unreadable images: with on_error="fail" every image to compute is decoded first, and any
     failure stops the run before the model is built; with "skip" they are left out, remembered in
     the set (never retried: a fixed file has new bytes, hence a new id) and listed in the summary.
-    `engine` (auto | tensorflow | onnxruntime | openvino) only decides what runs the network; int8
-    specs are calibrated on a sample of the first source (the training images).
+    `run.engine` only decides what runs the network; int8 specs are calibrated on a sample of the
+    first source (the training images).
     """
     t0 = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    if batch_size < 1:
-        raise FeatureCacheError(f"--batch-size {batch_size}: must be at least 1")
-    if on_error not in ON_ERROR:
-        raise FeatureCacheError(f"--on-error {on_error}: use fail or skip")
     sources = list(sources)
     spec = calibrated(spec, sources[0].ids if sources else [])
-    choose(engine, spec.precision)  # a bad --engine fails before any work, cache hit or not
-    res = resolve(spec, native_size, cache_dir)
+    choose(run.engine, spec.precision)  # a bad --engine fails before any work, cache hit or not
+    res = resolve(spec, native_size, run.cache_dir)
     for n in res.notices:
-        log(f"notice: {n}")
-    store = FeatureStore(cache_dir)
+        run.say(f"notice: {n}")
+    store = FeatureStore(run.cache_dir)
     p = pending(sources, res, store)
     src, ids, first, sets, need, bad = p.src, p.ids, p.first, p.sets, p.need, p.bad
     todo = p.todo
-    if todo and on_error == "fail":
-        _fail_on_unreadable(src, [first[i] for i in todo], progress, log)
+    if todo and run.on_error == "fail":
+        _fail_on_unreadable(src, [first[i] for i in todo], run.progress)
     computed, used = 0, None
     if todo:
-        sets, computed, found, used = _compute(res, src, ids, first, sets, need, store, batch_size, progress, log,
-                                               on_error, engine)
+        sets, computed, found, used = _compute(res, p, store, run)
         bad.update(found)
         need = {layer: [i for i in n if i not in found] for layer, n in need.items()}
     report = []
@@ -251,15 +163,16 @@ def _known_bad(sets, need) -> dict[str, str]:
     return bad
 
 
-def _fail_on_unreadable(src: Sources, positions: list[int], progress: bool, log) -> None:
-    """Decode every image file to compute before any heavy work; one line naming the bad ones."""
-    positions = [p for p in positions if src.checkable(p)]
+def _fail_on_unreadable(src: Sources, positions: list[int], progress: bool) -> None:
+    """Check every image file to compute before any heavy work; one line naming the bad ones."""
+    items = {p: src.item(p) for p in positions}
+    positions = [p for p in positions if encoderlib.checkable(items[p])]
     if not positions:
         return
     bar = _progress(len(positions), "checking images", progress and len(positions) >= 1000)
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
         errors = []
-        for err in pool.map(src.check, positions):
+        for err in pool.map(lambda p: encoderlib.check(items[p], src.name(p)), positions):
             errors.append(err)
             bar.update(1)
     bar.close()
@@ -270,14 +183,14 @@ def _fail_on_unreadable(src: Sources, positions: list[int], progress: bool, log)
                                 "fix or remove them, or pass --on-error skip to leave them out")
 
 
-def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_size, progress, log, on_error,
-             engine="auto"):
+def _compute(res: Resolved, p: Pending, store: FeatureStore, run: RunSettings):
     """Run the network over what is missing; returns (sets, images computed, {id: why} left out, engine)."""
     from contextlib import ExitStack
 
     from .backbones.build import build_model
     from .taps import remember, taps_of
 
+    src, ids, first, sets, need, log = p.src, p.ids, p.first, p.sets, p.need, run.say
     model = build_model(res.backbone, res.weights, res.size)
     all_taps = taps_of(model, res.size)
     remember(res.backbone, res.size, store.cache_dir, all_taps)  # free now; spares `layers` a build
@@ -297,8 +210,8 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
             return sets, 0, {}, None
         todo_ids = list(dict.fromkeys(i for t in taps for i in need[t.name]))
         wanted = {t.name: set(need[t.name]) for t in taps}
-        used, forward = forward_fn(model, [t.name for t in taps], engine=engine, res=res, cache_dir=store.cache_dir,
-                                   calibration_images=lambda: calibration_images(res, src), log=log)
+        enc = encoderlib.Encoder(res, store.cache_dir, run.engine, run.on_error, [t.name for t in taps], model=model,
+                                 calibration=lambda: calibration_items(res, src), log=log).load()
         positions = [first[i] for i in todo_ids]
         # Per tap: [(ids, vectors) of each batch], and when the part being filled was started.
         buffers = {t.name: ([], time.monotonic()) for t in taps}
@@ -313,45 +226,34 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
                     buffers[t.name] = ([], time.monotonic())
 
         def prepare(chunk):
-            """(positions that decoded, their preprocessed batch); a failure either stops or is skipped."""
-            ok, imgs = [], []
-            for p in chunk:
-                try:
-                    imgs.append(src.load(p, res.size, res.resize))
-                    ok.append(p)
-                except FeatureCacheError as e:
-                    if on_error == "fail":
-                        raise
-                    bad[src.ids[p]] = str(e)
-            return ok, (preprocess(np.stack(imgs), res.preprocess_mode) if imgs else None)
+            return enc.prepare([src.item(q) for q in chunk], [src.name(q) for q in chunk], [src.ids[q] for q in chunk])
 
         def remember_bad():
             for t in taps:
                 sets[t.name].record_skipped({i: r for i, r in bad.items() if i in wanted[t.name]})
 
         bar = _progress(len(todo_ids), f"{res.backbone.name} {res.size}px -> {','.join(t.name for t in taps)}",
-                        progress)
-        chunks = [positions[k:k + batch_size] for k in range(0, len(positions), batch_size)]
+                        run.progress)
+        chunks = [positions[k:k + run.batch_size] for k in range(0, len(positions), run.batch_size)]
         done = 0
         try:
             with _StopRequest() as stop, ThreadPoolExecutor(1) as pool:  # decode the next batch while the network runs
-                pending = pool.submit(prepare, chunks[0])
-                for c, chunk in enumerate(chunks):
+                pending_batch = pool.submit(prepare, chunks[0])
+                for c in range(len(chunks)):
                     if stop.requested:
                         raise KeyboardInterrupt
-                    chunk, x = pending.result()
+                    batch = pending_batch.result()
                     if c + 1 < len(chunks):
-                        pending = pool.submit(prepare, chunks[c + 1])
-                    if not chunk:
+                        pending_batch = pool.submit(prepare, chunks[c + 1])
+                    bad.update(batch.skipped)
+                    if not len(batch):
                         continue
-                    outs = forward(x)
-                    chunk_ids = [src.ids[p] for p in chunk]
-                    for t, maps in zip(taps, outs):
-                        vec = pool_maps(np.asarray(maps), res.pool)
-                        keep = [k for k, i in enumerate(chunk_ids) if i in wanted[t.name]]
-                        buffers[t.name][0].append(([chunk_ids[k] for k in keep], vec[keep]))  # ids and rows at once
-                    done += len(chunk)
-                    bar.update(len(chunk))
+                    vectors = enc.run(batch)
+                    for t in taps:
+                        keep = [k for k, i in enumerate(batch.keys) if i in wanted[t.name]]
+                        buffers[t.name][0].append(([batch.keys[k] for k in keep], vectors[t.name][keep]))
+                    done += len(batch)
+                    bar.update(len(batch))
                     flush()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (after the batch in flight), or a second one
             flush(force=True)  # keep every finished batch; the rerun starts after them
@@ -365,7 +267,7 @@ def _compute(res: Resolved, src: Sources, ids, first, sets, need, store, batch_s
         flush(force=True)
         remember_bad()
         bar.close()
-        return sets, len(todo_ids) - len(bad), bad, used
+        return sets, len(todo_ids) - len(bad), bad, enc.engine
 
 
 class _StopRequest:
@@ -399,51 +301,15 @@ def _provenance(res: Resolved) -> dict:
     return {"source": {"weights": w.label, "weights_path": str(w.path) if w.path else None, "seed": w.seed}}
 
 
-def calibration_images(res: Resolved, src: Sources) -> np.ndarray:
-    """The preprocessed int8 calibration sample (`calibrated` names it); unreadable images are left out."""
-    from .engines.int8 import calibration_sample
-
+def calibration_items(res: Resolved, src: Sources) -> list:
+    """The int8 calibration sample (`calibrated` names it) as encoder items, from the training images."""
     train = src.sources[0]
     chosen, sample = calibration_sample(train.ids)
     if sample != res.calibration:  # e.g. `predict` on new files: the training images are not at hand
         raise FeatureCacheError(f"--precision int8: the graph calibrated on sample {res.calibration} is not in the "
                                 "cache; run `featurecache extract --precision int8` on the training data again")
     where = {i: j for j, i in enumerate(train.ids)}
-    imgs = []
-    for i in chosen:
-        try:
-            imgs.append(imagelib.resize(train.load(where[i]), res.size, res.resize))
-        except FeatureCacheError:
-            continue
-    return preprocess(np.stack(imgs), res.preprocess_mode)
-
-
-def forward_fn(model, names: list[str], engine: str | None = None, res: Resolved | None = None,
-               cache_dir: Path | None = None, calibration_images=None, log=None):
-    """A compiled `model(x, training=False)` returning the named taps' outputs as a list.
-
-    With `engine` (auto | tensorflow | onnxruntime | openvino) and the resolved spec: the pair
-    (engine used, forward) from featurecache.engines, which runs the same taps on that engine.
-    """
-    if engine is not None:
-        from .engines import make_forward
-
-        return make_forward(engine, model, res.backbone, res.weights, res.size, names, cache_dir, res.precision,
-                            res.calibration, calibration_images, log)
-    import keras
-    import tensorflow as tf
-
-    multi = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
-    @tf.function(reduce_retracing=True, autograph=False)
-    def call(x):
-        return multi(x, training=False)
-
-
-    def forward(x):
-        out = call(tf.convert_to_tensor(x))
-        return out if isinstance(out, (list, tuple)) else [out]
-
-    return forward
+    return [source_item(train, where[i]) for i in chosen]
 
 
 def _progress(total: int, desc: str, enabled: bool):

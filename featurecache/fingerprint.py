@@ -33,7 +33,11 @@ def feature_key(model: str, weights_id: str, layer: str, pool: str, size: int, r
     }
 
 
-def key_id(parts: dict) -> str:
-    """16 hex digits naming a feature set; equal parts give equal ids on every machine."""
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+def key_id(parts: dict, spacing: bool = False) -> str:
+    """16 hex digits naming a cache folder (a feature set, a converted graph); equal parts give equal
+    ids on every machine. The one hasher of cache folders. `spacing`: JSON's default ", " and ": "
+    separators, with which converted-graph folders were first named (kept so cached graphs, int8 ones
+    calibrated on images no longer at hand, stay found)."""
+    separators = (", ", ": ") if spacing else (",", ":")
+    canonical = json.dumps(parts, sort_keys=True, separators=separators)
     return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()

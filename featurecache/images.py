@@ -116,14 +116,19 @@ def read_file(path: Path) -> bytes:
         raise FeatureCacheError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
 
 
-def load_file(path: Path, draft: bool = False) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 (draft: see `open_image`)."""
-    img = open_image(read_file(path), str(path), draft=draft)
+def decode_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bool = False) -> np.ndarray:
+    """Encoded bytes -> HxWx3 uint8, upright, or one FeatureCacheError naming `name`."""
+    img = open_image(data, name, max_pixels, draft=draft)
     try:
         return to_rgb(img)
     except (OSError, ValueError) as e:  # a mode Pillow opens but cannot convert
-        raise FeatureCacheError(f"{path}: unsupported image ({img.mode}: {_first_line(e)}); "
+        raise FeatureCacheError(f"{name}: unsupported image ({img.mode}: {_first_line(e)}); "
                                 "convert it to RGB or greyscale") from e
+
+
+def load_file(path: Path, draft: bool = False, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 (draft: see `open_image`)."""
+    return decode_bytes(read_file(path), str(path), max_pixels, draft)
 
 
 def check_file(path: Path) -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import preprocess
+from .encoder import Encoder
 from .engines import choose
-from .extract import FeatureSpec, Sources, calibrated, calibration_images, forward_fn, pending, resolve
+from .extract import Pending, calibration_items, pending
+from .settings import FeatureSpec, Resolved, RunSettings, calibrated, resolve
 from .store import ID_DTYPE, FeatureStore
 from .taps import catalogue, check_layers
 
@@ -23,13 +24,19 @@ ID_BYTES = np.dtype(ID_DTYPE).itemsize
 
 
 def plan(ds, spec: FeatureSpec, cache_dir: Path, engine: str = "auto", batch_size: int = 64,
-         probe: int = 128, log=None) -> dict:
+         probe: int = 128, log=None, on_error: str = "fail") -> dict:
+    """`run_plan` with the run settings given one by one."""
+    return run_plan(ds, spec, RunSettings(cache_dir, engine, batch_size, False, on_error, log), probe)
+
+
+def run_plan(ds, spec: FeatureSpec, run: RunSettings, probe: int = 128) -> dict:
+    """What extracting `spec` for `ds` would cost: images to compute, expected seconds, disk bytes."""
     spec = calibrated(spec, ds.train.images.ids)
-    choose(engine, spec.precision)  # a bad --engine fails even on a cache hit
-    res = resolve(spec, ds.native_size(), cache_dir)
+    choose(run.engine, spec.precision)  # a bad --engine fails even on a cache hit
+    res = resolve(spec, ds.native_size(), run.cache_dir)
     sources = [ds.train.images, ds.test.images]
-    p = pending(sources, res, FeatureStore(cache_dir))
-    taps = check_layers(res.backbone, res.layers, catalogue(res.backbone, res.size, cache_dir))
+    p = pending(sources, res, FeatureStore(run.cache_dir))
+    taps = check_layers(res.backbone, res.layers, catalogue(res.backbone, res.size, run.cache_dir))
     layers = []
     for tap in taps:
         fs, need = p.sets[tap.name], len(p.need[tap.name])
@@ -42,36 +49,37 @@ def plan(ds, spec: FeatureSpec, cache_dir: Path, engine: str = "auto", batch_siz
            "images": len(p.ids), "to_compute": len(p.todo), "layers": layers,
            "bytes_to_add": sum(r["bytes_to_add"] for r in layers),
            "bytes_after": sum(r["bytes_after"] for r in layers), "engine": None, "setup_seconds": 0.0,
-           "measured_images_per_second": None, "expected_seconds": 0.0}
+           "measured_images_per_second": None, "expected_seconds": 0.0, "skipped": []}
     if p.todo:
-        out.update(_warm_up(res, p, taps, cache_dir, engine, batch_size, probe, log))
+        out.update(_warm_up(res, p, [t.name for t in taps if p.need[t.name]], run, probe))
     return out
 
 
-def _warm_up(res, p, taps, cache_dir, engine, batch_size, probe, log) -> dict:
-    """Build the model on the engine, run one batch, time up to `probe` images; extrapolate."""
-    from .backbones.build import build_model
-
+def _warm_up(res: Resolved, p: Pending, names: list[str], run: RunSettings, probe: int) -> dict:
+    """Build the encoder on the engine, run one batch, time up to `probe` images; extrapolate.
+    Unreadable images stop the plan (on_error="fail") or are left out and listed ("skip"), as in extract."""
     t0 = time.perf_counter()
-    model = build_model(res.backbone, res.weights, res.size)
-    names = [t.name for t in taps if p.need[t.name]]
-    used, forward = forward_fn(model, names, engine=engine, res=res, cache_dir=cache_dir,
-                               calibration_images=lambda: calibration_images(res, p.src), log=log)
+    enc = Encoder(res, run.cache_dir, run.engine, run.on_error, names,
+                  calibration=lambda: calibration_items(res, p.src), log=run.log).load()
     positions = [p.first[i] for i in p.todo]
-    batch = min(batch_size, len(positions))
+    batch = min(run.batch_size, len(positions))
+    skipped = {}
 
-    def run(chunk) -> None:
-        forward(preprocess(np.stack([p.src.load(k, res.size, res.resize) for k in chunk]), res.preprocess_mode))
+    def encode(chunk) -> None:
+        b = enc.prepare([p.src.item(k) for k in chunk], [p.src.name(k) for k in chunk], chunk)
+        skipped.update((p.src.name(k), why) for k, why in b.skipped.items())
+        enc.run(b)
 
-    run(positions[:batch])  # first pass: graph compilation and allocation, not steady state
+    encode(positions[:batch])  # first pass: graph compilation and allocation, not steady state
     setup = time.perf_counter() - t0
     timed = positions[batch:batch + max(probe, batch)] or positions[:batch]
     t1 = time.perf_counter()
     for k in range(0, len(timed), batch):
-        run(timed[k:k + batch])
+        encode(timed[k:k + batch])
     ips = len(timed) / (time.perf_counter() - t1)
-    return {"engine": used, "setup_seconds": round(setup, 2), "measured_images_per_second": round(ips, 1),
-            "measured_images": len(timed), "expected_seconds": round(setup + len(p.todo) / ips, 1)}
+    return {"engine": enc.engine, "setup_seconds": round(setup, 2), "measured_images_per_second": round(ips, 1),
+            "measured_images": len(timed), "expected_seconds": round(setup + len(p.todo) / ips, 1),
+            "skipped": [{"name": n, "reason": r} for n, r in skipped.items()]}
 
 
 def describe(out: dict) -> str:
@@ -89,5 +97,7 @@ def describe(out: dict) -> str:
                      f"plus {out['setup_seconds']:.1f} s to build and warm up)")
     else:
         lines.append("nothing to compute: a cache hit")
+    if out.get("skipped"):
+        lines.append(f"left out {len(out['skipped'])} unreadable image(s) of the warm-up (--on-error skip)")
     lines.append(f"disk: +{mb(out['bytes_to_add'])}, {mb(out['bytes_after'])} for these feature sets in all")
     return "\n".join(lines)

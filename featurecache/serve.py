@@ -32,16 +32,11 @@ import binascii
 import dataclasses
 import json
 import os
-import sys
-import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,94 +45,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import images as imagelib
 from .errors import FeatureCacheError
-from .predict import label_rows, run_spec
-from .store import FeatureStore
+from .service import Prepared, ServeOptions, Service, StoredVectors, _log  # noqa: F401  (the HTTP-free part)
 
-REFRESH_S = 2.0
 MAX_IMAGES = 256  # per request; bounds the work one request can queue
 HOW = "send multipart/form-data with one field `files` per image, or JSON {\"images\": [{\"name\": ..., " \
       "\"data\": \"<base64>\"}]}"
 _ENV = "FEATURECACHE_SERVE"  # how --workers processes receive their options
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    run_id: str
-    cache_dir: str
-    max_batch: int = 32
-    max_wait_ms: float = 2.0
-    max_body: int = 20 << 20
-    max_pixels: int = 4096 * 4096
-    engine: str = "auto"  # what runs the backbone: auto | tensorflow | onnxruntime | openvino
-
-    def check(self) -> None:
-        for name in ("max_batch", "max_body", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise FeatureCacheError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.max_wait_ms < 0:
-            raise FeatureCacheError(f"--max-wait-ms {self.max_wait_ms}: must not be negative")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---- cached vectors ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Snapshot:
-    names: tuple[str, ...]  # part file names, to notice new parts by listing the folder
-    index: dict  # image id -> (part, row)
-    features: list  # open h5py datasets, one per part
-
-
-class StoredVectors:
-    """Read-only view of the run's feature set: the vectors of images already in the cache."""
-
-    def __init__(self, store: FeatureStore, set_id: str):
-        self._store, self.set_id = store, set_id
-        self._lock = threading.Lock()
-        self._checked = time.monotonic()
-        self._snap = self._read()
-
-    def __len__(self) -> int:
-        return len(self._snap.index)
-
-    def _listing(self) -> tuple[str, ...]:
-        fs = self._store.get(self.set_id)
-        return tuple(p.name for p in fs.part_files()) if fs else ()
-
-    def _read(self) -> _Snapshot:
-        fs = self._store.get(self.set_id)
-        if fs is None:
-            return _Snapshot((), {}, [])
-        parts = fs.parts()
-        # The store's own opener: same checks, and the same HDF5 open flags, which HDF5 insists on
-        # for a file this process already holds open.
-        return _Snapshot(tuple(p.path.name for p in parts), fs.index(),
-                         [fs.open_part(p.path)["features"] for p in parts])
-
-    def _maybe_refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < REFRESH_S or not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._checked = now
-            if self._listing() != self._snap.names:
-                self._snap = self._read()  # old handles close when the last reader drops them
-        except (FeatureCacheError, OSError) as e:
-            _log(f"warning: feature set {self.set_id} not re-read ({e}); serving the previous index")
-        finally:
-            self._lock.release()
-
-    def lookup(self, ids: list[str]) -> dict[int, np.ndarray]:
-        """{position in ids: stored vector} for the ids the set holds."""
-        self._maybe_refresh()
-        snap = self._snap
-        found = {k: snap.index[i] for k, i in enumerate(ids) if i in snap.index}
-        # One row per read: a server request wants a few rows, not the whole part `gather` reads.
-        return {k: snap.features[p][r] for k, (p, r) in found.items()}
 
 
 # ---- micro-batching -----------------------------------------------------------------------------------
@@ -196,96 +110,6 @@ class Batcher:
             for (_, _, f), result in zip(batch, out):
                 if not f.done():
                     f.set_result(result)
-
-
-# ---- the model and head -------------------------------------------------------------------------------
-@dataclass
-class Prepared:
-    """One request's images: ids, rows of those the cache holds, decoded pixels of the others."""
-    names: list[str]
-    ids: list[str]
-    rows: dict[int, dict]
-    pixels: dict[int, np.ndarray]
-
-
-class Service:
-    """A run's backbone, head and feature set, loaded once."""
-
-    def __init__(self, opts: ServeOptions):
-        from .backbones.build import build_model
-        from .engines import choose
-        from .extract import forward_fn, resolve
-        from .runs import load_head
-
-        opts.check()
-        self.opts = opts
-        cache = Path(opts.cache_dir)
-        self.record, self.pipeline = load_head(cache, opts.run_id)
-        self.layer = self.record["layer"]
-        self.res = resolve(run_spec(self.record), None, cache)
-        choose(opts.engine, self.res.precision)  # a bad --engine fails before the model is built
-        t0 = time.perf_counter()
-        self.engine, self._forward = forward_fn(build_model(self.res.backbone, self.res.weights, self.res.size),
-                                                [self.layer], engine=opts.engine, res=self.res, cache_dir=cache,
-                                                log=_log)
-        blank = np.zeros((opts.max_batch, self.res.size, self.res.size, 3), np.uint8)
-        self.compute(blank[:1])  # two batch sizes: tf.function then settles on one trace for any size
-        self.compute(blank)
-        self.stored = StoredVectors(FeatureStore(cache), self.res.set_ids[self.layer])
-        _log(f"run {opts.run_id}: {self.record['features']} + {self.record['head']} loaded on {self.engine} and "
-             f"warmed up in "
-             f"{time.perf_counter() - t0:.1f} s; {len(self.stored)} images in feature set {self.stored.set_id}")
-
-    def compute(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, size, size, 3) -> (N, D) vectors, exactly as extraction makes them."""
-        from .backbones import preprocess
-        from .taps import pool_maps
-
-        maps = self._forward(preprocess(pixels, self.res.preprocess_mode))[0]
-        return pool_maps(np.asarray(maps), self.res.pool)
-
-    def prepare(self, named: list[tuple[str, bytes]], top: int) -> Prepared:
-        """Hash every image and label those in the cache; decode the others (a bad one fails the request)."""
-        names = [n for n, _ in named]
-        ids = [imagelib.content_hash(data) for _, data in named]
-        stored = self.stored.lookup(ids)
-        hits = sorted(stored)
-        rows = dict(zip(hits, self._label([names[k] for k in hits], [stored[k] for k in hits], top)))
-        pixels = {k: self.decode(name, data) for k, (name, data) in enumerate(named) if k not in stored}
-        return Prepared(names, ids, rows, pixels)
-
-    def decode(self, name: str, data: bytes) -> np.ndarray:
-        img = imagelib.open_image(data, name, self.opts.max_pixels)
-        return imagelib.resize(imagelib.to_rgb(img), self.res.size, self.res.resize)
-
-    def label_batch(self, items: list[tuple[str, np.ndarray, int]]) -> list[dict]:
-        """(name, pixels, top) of new images from several requests -> one forward pass, one head call."""
-        names, pixels, tops = zip(*items)
-        rows = self._label(list(names), self.compute(np.stack(pixels)), max(tops))
-        for row, top in zip(rows, tops):
-            row["top"] = row["top"][:top]
-        return rows
-
-    def _label(self, names: list[str], vectors, top: int) -> list[dict]:
-        if not names:
-            return []
-        return label_rows(names, self.pipeline, np.asarray(vectors), self.record["class_names"], top)
-
-    def info(self) -> dict:
-        r, res = self.record, self.res
-        info = {"run": r["run_id"], "backbone": res.backbone.name, "weights": res.weights.label, "engine": self.engine,
-                "precision": res.precision,
-                "layer": self.layer, "pooling": res.pool, "size": res.size, "resize": res.resize,
-                "preprocess": res.preprocess_mode, "head": r["head"], "head_options": r.get("head_options", {}),
-                "normalize": r.get("normalize"), "pca": r.get("pca"), "class_names": r["class_names"],
-                "feature_set": {"id": self.stored.set_id, "key": res.keys[self.layer],
-                                "stored_images": len(self.stored)},
-                "metrics": r["metrics"], "data": r.get("data"), "created": r.get("created"),
-                "limits": {k: v for k, v in dataclasses.asdict(self.opts).items() if k.startswith("max_")}}
-        if self.stored.set_id != r.get("feature_set"):
-            info["notice"] = (f"the run was fitted on feature set {r.get('feature_set')}; these library versions "
-                              f"key it as {self.stored.set_id}, so its training images are not cache hits")
-        return info
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------

@@ -182,6 +182,42 @@ class FeatureSet:
                 out[dest] = f["features"][()][rows]
         return out
 
+    def part_names(self) -> tuple[str, ...]:
+        """The visible parts' file names: a reader compares them to notice parts added since."""
+        return tuple(p.name for p in self.part_files())
+
+    def part_ids(self, path: Path) -> list[str]:
+        with self.open_part(path) as f:
+            return f["ids"][()].astype("U32").tolist()
+
+    def row(self, path: Path, r: int) -> np.ndarray:
+        """One stored vector: row `r` of part `path`."""
+        with self.open_part(path) as f:
+            return f["features"][r]
+
+    def reader(self) -> SetReader:
+        """Every part opened once, for many small row reads (a server's lookups); see SetReader."""
+        parts = self.parts()
+        # The store's own opener: same checks, and the same HDF5 open flags, which HDF5 insists on
+        # for a file this process already holds open.
+        return SetReader(tuple(p.path.name for p in parts), self.index(),
+                         [self.open_part(p.path)["features"] for p in parts])
+
+    def check_part(self, path: Path, dims: int) -> tuple[str | None, list[str]]:
+        """(what is wrong with one part or None, its ids): belongs to this set, shapes, finite values."""
+        try:
+            with _h5(path, "r") as f:
+                if f.attrs.get("set_id") != self.id:
+                    return f"belongs to set {f.attrs.get('set_id')!r}", []
+                ids, feats = f["ids"], f["features"]
+                if feats.ndim != 2 or feats.shape[1] != dims or ids.shape != (feats.shape[0],):
+                    return f"shape {feats.shape} for {ids.shape[0]} ids, expected (N, {dims})", []
+                if not np.isfinite(feats[()]).all():
+                    return "non-finite values", []
+                return None, ids[()].astype("U32").tolist()
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            return f"unreadable ({str(e).splitlines()[0][:80]})", []
+
     # ---- writing -----------------------------------------------------------------------------
     def rows_per_part(self) -> int:
         default = int(np.clip(PART_BYTES // (4 * max(self.dims, 1)), 64, 4096))
@@ -299,6 +335,27 @@ class FeatureSet:
         _fsync_dir(self.folder)
         self.refresh()
         return aside
+
+
+@dataclass(frozen=True)
+class SetReader:
+    """A read-only snapshot of a set: its parts open, its index built. Parts never change once
+    visible, so the open handles stay valid; handles close when the last holder drops the reader."""
+    names: tuple[str, ...]  # part file names, to compare with FeatureSet.part_names()
+    index: dict  # image id -> (part, row)
+    features: list  # open h5py datasets, one per part
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, ids: list[str]) -> dict[int, np.ndarray]:
+        """{position in ids: stored vector} for the ids the set holds, one row per read (a request
+        wants a few rows, not the whole part `gather` reads)."""
+        found = {k: self.index[i] for k, i in enumerate(ids) if i in self.index}
+        return {k: self.features[p][r] for k, (p, r) in found.items()}
+
+
+EMPTY_READER = SetReader((), {}, [])
 
 
 class FeatureStore:

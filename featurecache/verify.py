@@ -18,12 +18,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .errors import FeatureCacheError
-from .fingerprint import feature_key, key_id
-from .store import FeatureSet, _h5
+from .fingerprint import key_id
+from .store import FeatureSet
 
 RTOL = 1e-4  # of a row's largest value; TF's CPU kernels move vectors by ~1e-6 with batch size or threads
 
@@ -67,7 +66,7 @@ def check_structure(fs: FeatureSet) -> tuple[list[Problem], list[str]]:
     seen: set[str] = set()
     duplicates = 0
     for path in fs.part_files():
-        problem, ids = _check_part(path, fs.id, dims)
+        problem, ids = fs.check_part(path, dims)
         if problem:
             problems.append(Problem(f"{path.name}: {problem}", path))
             continue
@@ -83,22 +82,6 @@ def check_structure(fs: FeatureSet) -> tuple[list[Problem], list[str]]:
         notes.append(f"{duplicates} image id(s) stored twice (a file system without working locks?); "
                      "harmless, readers keep the first copy")
     return problems, notes
-
-
-def _check_part(path: Path, set_id: str, dims: int) -> tuple[str | None, list[str]]:
-    """(what is wrong with one part or None, its ids)."""
-    try:
-        with _h5(path, "r") as f:
-            if f.attrs.get("set_id") != set_id:
-                return f"belongs to set {f.attrs.get('set_id')!r}", []
-            ids, feats = f["ids"], f["features"]
-            if feats.ndim != 2 or feats.shape[1] != dims or ids.shape != (feats.shape[0],):
-                return f"shape {feats.shape} for {ids.shape[0]} ids, expected (N, {dims})", []
-            if not np.isfinite(feats[()]).all():
-                return "non-finite values", []
-            return None, ids[()].astype("U32").tolist()
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        return f"unreadable ({str(e).splitlines()[0][:80]})", []
 
 
 def _notes(fs: FeatureSet) -> list[str]:
@@ -125,23 +108,21 @@ def recompute_sample(fs: FeatureSet, ds, k: int, cache_dir: Path, bad_parts=(), 
     picks = _pick_rows(fs, set(first), k, set(bad_parts), seed)
     if not picks:
         return [], f"no image of --data {ds.name} is stored in this set; values not checked"
-    forward, meta = _model_for(fs, cache_dir)
-    if forward is None:
-        return [], meta
-    key = fs.key
+    encoder, why = _encoder_for(fs, cache_dir)
+    if encoder is None:
+        return [], why
     problems, worst, checked = [], 0.0, 0
     for path, row, image_id in picks:
-        try:
-            img = src.load(first[image_id], key["size"], key["resize"])
-        except FeatureCacheError:
-            continue  # unreadable now: nothing to compare with
-        fresh = forward(img[None])[0]
-        with _h5(path, "r") as f:
-            stored = f["features"][row]
-        diff = float(np.abs(fresh - stored).max() / max(float(np.abs(stored).max()), 1e-12))
+        pos = first[image_id]
+        fresh = encoder.encode([src.item(pos)], [src.name(pos)])  # unreadable now: skipped, nothing to compare
+        if not fresh.keys:
+            continue
+        stored = fs.row(path, row)
+        diff = float(np.abs(fresh.vectors[encoder.taps[0]][0] - stored).max() / max(float(np.abs(stored).max()),
+                                                                                   1e-12))
         worst, checked = max(worst, diff), checked + 1
         if diff > RTOL:
-            problems.append(Problem(f"{path.name}: stored vector of {src.name(first[image_id])} differs from a "
+            problems.append(Problem(f"{path.name}: stored vector of {src.name(pos)} differs from a "
                                     f"fresh computation (relative difference {diff:.2g})", path))
     return problems, (f"recomputed {checked} rows from --data {ds.name}: largest relative difference "
                       f"{worst:.2g} (tolerance {RTOL:g})")
@@ -154,9 +135,7 @@ def _pick_rows(fs: FeatureSet, wanted: set[str], k: int, bad_parts: set[Path], s
     for path in fs.part_files():
         if path in bad_parts:
             continue
-        with _h5(path, "r") as f:
-            ids = f["ids"][()].astype("U32").tolist()
-        rows = [(path, r, i) for r, i in enumerate(ids) if i in wanted]
+        rows = [(path, r, i) for r, i in enumerate(fs.part_ids(path)) if i in wanted]
         if rows:
             per_part.append([rows[j] for j in rng.permutation(len(rows))])
     order = rng.permutation(len(per_part)) if per_part else []
@@ -167,43 +146,50 @@ def _pick_rows(fs: FeatureSet, wanted: set[str], k: int, bad_parts: set[Path], s
     return picks
 
 
-def _model_for(fs: FeatureSet, cache_dir: Path):
-    """(forward(uint8 batch) -> pooled vectors, "") for the set's key, or (None, why not)."""
-    from .backbones import get_backbone, preprocess
-    from .backbones.build import build_model
-    from .extract import forward_fn
-    from .taps import pool_maps
+def spec_of(key: dict, weights: str, seed: int):
+    """The feature settings a set's key was made from (`weights` and `seed`: the option that gives
+    its weights id), so the same encoder can be built again."""
+    from .backbones import get_backbone
+    from .settings import FeatureSpec, Precision
+
+    precision = Precision.parse(key["precision"])
+    # The key stores the preprocessing mode; the option is `scale01` or the model's own (`auto`).
+    mode = "scale01" if key["preprocess"] == "scale01" != get_backbone(key["model"]).preprocess else "auto"
+    return FeatureSpec(key["model"], weights, (key["layer"],), key["pool"], key["size"], key["resize"], mode, seed,
+                       precision.name, precision.calibration)
+
+
+def _encoder_for(fs: FeatureSet, cache_dir: Path):
+    """(an encoder that remakes the set's vectors, "") for the set's key, or (None, why not)."""
+    from .backbones import get_backbone
+    from .encoder import Encoder
+    from .settings import resolve
 
     key, meta = fs.key, fs.meta
     backbone = get_backbone(key["model"])
     weights = _weights_for(backbone, key, meta.get("source", {}), cache_dir)
     if weights is None:
         return None, f"weights {key['weights']} not found again (a weights file moved or changed); values not checked"
-    now = feature_key(backbone.name, weights.id, key["layer"], key["pool"], key["size"], key["resize"],
-                      key["preprocess"], key["dtype"], key["precision"])
-    if now != key:
+    try:
+        res = resolve(spec_of(key, *weights), None, cache_dir)
+    except FeatureCacheError as e:
+        return None, f"{e}; values not checked"
+    if res.keys[key["layer"]] != key:
         return None, "made with other library versions than installed now; values not checked"
-    model = build_model(backbone, weights, key["size"])
-    if key["precision"] == "fp32":
-        fwd = forward_fn(model, [key["layer"]])
-    else:  # int8: only the cached graph it was made with reproduces it
-        from .engines import make_forward
-
-        _, _, calibration = key["precision"].split("-", 2)
-        try:
-            _, fwd = make_forward("auto", model, backbone, weights, key["size"], [key["layer"]], cache_dir, "int8",
-                                  calibration)
-        except FeatureCacheError as e:
-            return None, f"{e}; values not checked"
-
-    def forward(batch):
-        return pool_maps(np.asarray(fwd(preprocess(batch, key["preprocess"]))[0]), key["pool"])
-
-    return forward, ""
+    # float32 on TensorFlow, the reference every engine is held to; int8 only on the cached graph it
+    # was made with, which reproduces it.
+    engine = "auto" if res.precision_setting.int8 else "tensorflow"
+    encoder = Encoder(res, cache_dir, engine, on_error="skip")
+    try:
+        encoder.load()
+    except FeatureCacheError as e:
+        return None, f"{e}; values not checked"
+    return encoder, ""
 
 
 def _weights_for(backbone, key: dict, source: dict, cache_dir: Path):
-    """The weights whose id the key records, from meta.json's source or guessed from the id."""
+    """(weights option, seed) that give the weights id the key records, from meta.json's source or
+    guessed from the id; None when no option gives it now."""
     from .backbones.weights import resolve_weights
 
     wid = key["weights"]
@@ -218,7 +204,7 @@ def _weights_for(backbone, key: dict, source: dict, cache_dir: Path):
         except FeatureCacheError:
             continue
         if w.id == wid:
-            return w
+            return option, seed
     return None
 
 

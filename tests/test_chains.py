@@ -46,29 +46,24 @@ def close(a, b, what):
 
 
 def plan_vectors(ds, spec, cache, engine, monkeypatch) -> tuple[list[str], np.ndarray]:
-    """(ids, pooled vectors) of the first warm-up batch plan runs (its todo list, in order)."""
-    from featurecache import plan as plan_mod
-    from featurecache.taps import pool_maps
+    """(ids, vectors) of the first warm-up batch plan runs through its encoder."""
+    from featurecache import encoder as encoder_mod
+    from featurecache.plan import plan
 
+    ids = ds.train.images.ids + ds.test.images.ids  # plan's batches are keyed by position in this list
     seen = []
-    real = plan_mod.forward_fn
+    real = encoder_mod.Encoder.run
 
-    def wrapped(model, names, **kw):
-        used, fwd = real(model, names, **kw)
+    def run(self, batch):
+        out = real(self, batch)
+        seen.append(([ids[k] for k in batch.keys], out[self.taps[0]]))
+        return out
 
-        def forward(x):
-            out = fwd(x)
-            seen.append(pool_maps(np.asarray(out[0]), spec.pool))
-            return out
-
-        return used, forward
-
-    monkeypatch.setattr(plan_mod, "forward_fn", wrapped)
-    out = plan_mod.plan(ds, spec, cache, engine=engine, batch_size=64, probe=1)
+    monkeypatch.setattr(encoder_mod.Encoder, "run", run)
+    out = plan(ds, spec, cache, engine=engine, batch_size=64, probe=1)
     monkeypatch.undo()
-    todo = list(dict.fromkeys(ds.train.images.ids + ds.test.images.ids))
-    assert out["to_compute"] == len(todo) == len(seen[0]) and out["engine"] == engine
-    return todo, seen[0]
+    assert out["to_compute"] == len(seen[0][0]) == len(set(ids)) and out["engine"] == engine
+    return seen[0]
 
 
 @pytest.mark.parametrize("model, pool, resize, preprocess, engine, precision", CASES)

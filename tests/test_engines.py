@@ -10,7 +10,8 @@ from featurecache import engines
 from featurecache.api import DataOptions, extract_dataset
 from featurecache.backbones import get_backbone, preprocess
 from featurecache.backbones.weights import resolve_weights
-from featurecache.engines import graphs, onnx_export
+from featurecache.engines import onnx_export
+from featurecache.engines.graphs import Graph
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import FeatureSpec
 from featurecache.store import FeatureStore
@@ -33,7 +34,7 @@ def photos(size: int) -> np.ndarray:
 def reference(request, tmp_path_factory):
     """The real offline weights, every tap, and TensorFlow's outputs for four photos."""
     from featurecache.backbones.build import build_model
-    from featurecache.extract import forward_fn
+    from featurecache.engines.tensorflow import tensorflow_forward
     from featurecache.taps import taps_of
 
     name, weights, size = request.param
@@ -42,7 +43,7 @@ def reference(request, tmp_path_factory):
     model = build_model(backbone, w, size)
     taps = [t.name for t in taps_of(model, size)]
     x = preprocess(photos(size), backbone.preprocess)
-    want = [np.asarray(a) for a in forward_fn(model, taps)(x)]
+    want = tensorflow_forward(model, taps)(x)
     return backbone, w, size, model, taps, x, want, tmp_path_factory.mktemp("engines")
 
 
@@ -61,9 +62,9 @@ def count_calls(monkeypatch, module, name: str) -> dict:
 @pytest.mark.parametrize("engine", CONVERTED)
 def test_every_tap_matches_tensorflow(reference, engine):
     backbone, w, size, model, taps, x, want, cache = reference
-    used, forward = engines.make_forward(engine, model, backbone, w, size, taps, cache)
+    forward = engines.make_forward(engine, model, Graph(backbone.name, w.id, size, tuple(taps)), cache)
     got = forward(x)
-    assert used == engine and len(got) == len(taps) > 10
+    assert forward.engine == engine and len(got) == len(taps) > 10
     worst = {t: float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)) for t, g, r in zip(taps, got, want)}
     assert all(g.shape == r.shape for g, r in zip(got, want))
     bad = {t: e for t, e in worst.items() if e >= 1e-4}
@@ -101,10 +102,10 @@ def test_conversion_happens_once_and_leaves_no_temporary_files(tmp_path, monkeyp
     x = preprocess(photos(32), "caffe")
     outs = []
     for engine in CONVERTED * 2:
-        _, forward = engines.make_forward(engine, model, backbone, w, 32, ["block4_pool"], tmp_path)
+        forward = engines.make_forward(engine, model, Graph("vgg16", w.id, 32, ("block4_pool",)), tmp_path)
         outs.append(forward(x)[0])
     assert calls["export"] == 1  # one ONNX graph serves both engines, and a second build only reads
-    folder = graphs.graph_dir(tmp_path, graphs.graph_parts("vgg16", w.id, 32, ["block4_pool"]))
+    folder = Graph("vgg16", w.id, 32, ("block4_pool",)).folder(tmp_path)
     assert not [p for p in folder.iterdir() if ".tmp" in p.name]
     assert all(np.allclose(o, outs[0], rtol=1e-4, atol=1e-4) for o in outs)
 
@@ -136,7 +137,9 @@ def test_int8_is_another_feature_set_calibrated_once(small, tmp_path, monkeypatc
 def test_unknown_or_missing_engine_is_one_line(tmp_path, monkeypatch):
     proc = run_cli("extract", "--data", "digits", "--model", "vgg16", "--weights", "random", "--size", "32",
                    "--engine", "cuda", cache_dir=tmp_path)
-    assert proc.returncode == 2 and "--engine cuda: unknown; use one of auto, tensorflow" in error_line(proc)
+    assert proc.returncode == 2 and "--engine" in error_line(proc) and "cuda" in error_line(proc)  # ours or click's
+    with pytest.raises(FeatureCacheError, match="--engine cuda: unknown; use one of auto, tensorflow"):
+        engines.choose("cuda")  # the API's own check
     monkeypatch.setattr(engines, "installed", lambda e: e == "tensorflow")
     with pytest.raises(FeatureCacheError, match=r"--engine openvino: not installed; run `pip install openvino onnx`"):
         engines.choose("openvino")
@@ -154,12 +157,13 @@ def test_a_layer_the_exporter_lacks_falls_back_or_fails_by_choice(tmp_path):
     model = keras.Model(inputs, out)
     backbone, w = get_backbone("vgg16"), resolve_weights(get_backbone("vgg16"), "random")
     said = []
-    used, forward = engines.make_forward("auto", model, backbone, w, 32, ["act"], tmp_path, log=said.append)
-    assert used == "tensorflow" and "using tensorflow" in said[0]
+    graph = Graph(backbone.name, w.id, 32, ("act",))
+    forward = engines.make_forward("auto", model, graph, tmp_path, log=said.append)
+    assert forward.engine == "tensorflow" and "using tensorflow" in said[0]
     assert forward(np.zeros((2, 32, 32, 3), np.float32))[0].shape == (2, 30, 30, 4)
     if CONVERTED:
         with pytest.raises(FeatureCacheError, match=f"--engine {CONVERTED[0]}: cannot convert"):
-            engines.make_forward(CONVERTED[0], model, backbone, w, 32, ["act"], tmp_path)
+            engines.make_forward(CONVERTED[0], model, graph, tmp_path)
 
 
 def test_plan_counts_what_the_cache_lacks_and_the_disk_it_needs(tmp_path):

@@ -13,18 +13,21 @@ taps, size, precision) and is cached under <cache>/engines/<key>/ (see graphs.py
 from __future__ import annotations
 
 import importlib.util
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from ..errors import FeatureCacheError
+from ..settings import INT8_ENGINE, PRECISIONS, Precision
+from .runtimes import threads  # noqa: F401  (every core this process may use)
 
 ENGINES = ("tensorflow", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto", *ENGINES)
 # Fastest first: in docs/BENCHMARKS.md (Engines), ONNX Runtime with one 1-thread stream per core beat
 # OpenVINO's best setting on both vgg16 at 64 and efficientnet_lite0 at 224, and both beat TensorFlow.
 AUTO_ORDER = ("onnxruntime", "openvino", "tensorflow")
-PRECISIONS = ("float32", "int8")
-INT8_ENGINE = "openvino"  # nncf's post-training quantisation targets OpenVINO's int8 kernels
 # Python modules each engine needs (the ONNX exporter needs onnx for both converted engines).
 _NEEDS = {"tensorflow": ("tensorflow",), "onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
 _PIP = {"tensorflow": "tensorflow", "onnxruntime": "onnxruntime onnx", "openvino": "openvino onnx",
@@ -64,45 +67,46 @@ def choose(engine: str, precision: str = "float32") -> str:
 
 
 def precision_key(precision: str, calibration: str = "") -> str:
-    """The key's `precision` part: float32 keeps the historic "fp32" so existing sets stay valid;
-    int8 names its engine and calibration sample, both of which move the vectors."""
-    check_precision(precision)
-    return "fp32" if precision == "float32" else f"int8-{INT8_ENGINE}-{calibration}"
+    """The key's `precision` part (see settings.Precision, where it is spelt)."""
+    return Precision(check_precision(precision), calibration).key()
 
 
-def threads() -> int:
-    """Every core this process may use (cgroup and affinity limits included)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+@dataclass(frozen=True)
+class Forward:
+    """One engine's forward pass: preprocessed NHWC float32 batch -> [NHWC output per tap], numpy."""
+    engine: str  # what runs it (auto resolved; tensorflow where a conversion fell back)
+    taps: tuple[str, ...]
+    run: Callable[[np.ndarray], list[np.ndarray]]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.run(x)
 
 
-def make_forward(option: str, model, backbone, weights, size: int, taps: list[str], cache_dir: Path,
-                 precision: str = "float32", calibration: str = "", calibration_images=None, log=None):
-    """(engine used, forward(preprocessed NHWC batch) -> [NHWC output per tap]) for `--engine option`.
+def make_forward(option: str, model, graph, cache_dir: Path, precision: Precision = Precision(),
+                 calibration_images=None, log=None) -> Forward:
+    """The forward pass of `graph` (engines.graphs.Graph: model, weights, size, taps) for `--engine option`.
 
     With `auto`, a model the exporter cannot convert runs on TensorFlow with a notice (same vectors);
     an engine named explicitly fails in one line instead. `calibration_images()` gives the int8
     calibration batch when the int8 graph is not cached yet.
     """
-    from ..extract import forward_fn
+    from .tensorflow import tensorflow_forward
 
-    engine = choose(option, precision)
+    taps = list(graph.taps)
+    engine = choose(option, precision.name)
     if engine == "tensorflow":
-        return engine, forward_fn(model, taps)
+        return Forward(engine, graph.taps, tensorflow_forward(model, taps))
     from . import graphs, runtimes
     from .onnx_export import Unsupported
 
     try:
-        path = graphs.graph(engine, model, backbone.name, weights.id, size, taps, cache_dir, precision, calibration,
-                            calibration_images, log)
+        path = graphs.convert(engine, model, graph, cache_dir, precision, calibration_images, log)
     except Unsupported as e:
-        if option != "auto" or precision == "int8":
-            flag = "--precision int8" if precision == "int8" else f"--engine {engine}"
-            raise FeatureCacheError(f"{flag}: cannot convert {backbone.name} ({e}); use --engine tensorflow"
-                                    + (" --precision float32" if precision == "int8" else "")) from None
+        if option != "auto" or precision.int8:
+            flag = "--precision int8" if precision.int8 else f"--engine {engine}"
+            raise FeatureCacheError(f"{flag}: cannot convert {graph.model} ({e}); use --engine tensorflow"
+                                    + (" --precision float32" if precision.int8 else "")) from None
         if log:
-            log(f"notice: {engine} cannot run {backbone.name} ({e}); using tensorflow (same vectors)")
-        return "tensorflow", forward_fn(model, taps)
-    return engine, runtimes.forward(engine, path, taps)
+            log(f"notice: {engine} cannot run {graph.model} ({e}); using tensorflow (same vectors)")
+        return Forward("tensorflow", graph.taps, tensorflow_forward(model, taps))
+    return Forward(engine, graph.taps, runtimes.forward(engine, path, taps))

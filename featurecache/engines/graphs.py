@@ -12,25 +12,41 @@ complete file. Conversion happens once; later builds only read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import versions
+from ..fingerprint import key_id
+from ..settings import Precision
 from . import onnx_export
 
 
+@dataclass(frozen=True)
+class Graph:
+    """What a converted graph is made from: the network, its weights, the input size and the taps."""
+    model: str
+    weights_id: str
+    size: int
+    taps: tuple[str, ...]
+
+    def parts(self) -> dict:
+        return {"format": onnx_export.FORMAT, "opset": onnx_export.OPSET, "model": self.model,
+                "weights": self.weights_id, "size": int(self.size), "taps": sorted(self.taps)}
+
+    def folder(self, cache_dir: Path) -> Path:
+        return Path(cache_dir) / "engines" / key_id(self.parts(), spacing=True)
+
+
 def graph_parts(model_name: str, weights_id: str, size: int, taps: list[str]) -> dict:
-    return {"format": onnx_export.FORMAT, "opset": onnx_export.OPSET, "model": model_name, "weights": weights_id,
-            "size": int(size), "taps": sorted(taps)}
+    return Graph(model_name, weights_id, size, tuple(taps)).parts()
 
 
 def graph_dir(cache_dir: Path, parts: dict) -> Path:
-    digest = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
-    return Path(cache_dir) / "engines" / digest
+    return Path(cache_dir) / "engines" / key_id(parts, spacing=True)
 
 
 def _tmp(path: Path) -> Path:
@@ -59,11 +75,11 @@ def _save_ir(ov_model, xml: Path) -> None:
     os.replace(tmp, xml)
 
 
-def graph(engine: str, model, model_name: str, weights_id: str, size: int, taps: list[str], cache_dir: Path,
-          precision: str = "float32", calibration: str = "", calibration_images=None, log=None) -> Path:
+def convert(engine: str, model, graph: Graph, cache_dir: Path, precision: Precision = Precision(),
+            calibration_images=None, log=None) -> Path:
     """Path of the cached graph `engine` runs, converting (and calibrating) on first use only."""
-    parts = graph_parts(model_name, weights_id, size, taps)
-    folder = graph_dir(cache_dir, parts)
+    parts, taps = graph.parts(), list(graph.taps)
+    folder = graph.folder(cache_dir)
     if not (folder / "meta.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = _tmp(folder / "meta.json")
@@ -72,25 +88,32 @@ def graph(engine: str, model, model_name: str, weights_id: str, size: int, taps:
     if engine == "onnxruntime":
         return _onnx(folder, model, taps, log)
     ver = versions.version("openvino")
-    if precision == "float32":
+    if not precision.int8:
         xml = folder / f"openvino-{ver}.xml"
         if not xml.is_file():
             import openvino as ov
 
             _save_ir(ov.convert_model(str(_onnx(folder, model, taps, log))), xml)
         return xml
-    xml = folder / f"int8-{calibration}-openvino-{ver}.xml"
+    xml = folder / f"int8-{precision.calibration}-openvino-{ver}.xml"
     if not xml.is_file():
         from .int8 import quantize
 
         if calibration_images is None:
             from ..errors import FeatureCacheError
 
-            raise FeatureCacheError(f"--precision int8: the int8 graph calibrated on sample {calibration} is not "
-                                    f"in {folder}; run `featurecache extract --precision int8` on the training "
-                                    "data again to recreate it")
+            raise FeatureCacheError(f"--precision int8: the int8 graph calibrated on sample {precision.calibration} "
+                                    f"is not in {folder}; run `featurecache extract --precision int8` on the "
+                                    "training data again to recreate it")
         images = np.asarray(calibration_images())
         if log:
-            log(f"notice: calibrating int8 {model_name} on {len(images)} of your training images (once)")
+            log(f"notice: calibrating int8 {graph.model} on {len(images)} of your training images (once)")
         _save_ir(quantize(str(_onnx(folder, model, taps, log)), images), xml)
     return xml
+
+
+def graph(engine: str, model, model_name: str, weights_id: str, size: int, taps: list[str], cache_dir: Path,
+          precision: str = "float32", calibration: str = "", calibration_images=None, log=None) -> Path:
+    """`convert` with loose arguments, for the benchmark scripts until they move to featurecache.api."""
+    return convert(engine, model, Graph(model_name, weights_id, size, tuple(taps)), cache_dir,
+                   Precision(precision, calibration), calibration_images, log)

@@ -7,19 +7,9 @@ feature key: a different sample may move int8 vectors, so it may not share their
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-SAMPLE = 300  # nncf's default subset size; more brought no accuracy on Fashion-MNIST and costs time
-
-
-def calibration_sample(train_ids: list[str], n: int = SAMPLE) -> tuple[list[str], str]:
-    """(chosen image ids, 12-hex id of the sample), independent of file order."""
-    unique = sorted(set(train_ids))
-    order = np.random.default_rng(0).permutation(len(unique))[:n]
-    chosen = sorted(unique[k] for k in order)
-    return chosen, hashlib.blake2b("\n".join(chosen).encode(), digest_size=6).hexdigest()
+from ..settings import CALIBRATION_SAMPLE as SAMPLE, calibration_sample  # noqa: F401  (named there: part of the key)
 
 
 def quantize(onnx_path: str, images: np.ndarray):

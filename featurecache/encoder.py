@@ -1,0 +1,204 @@
+"""The encoder: images in, one vector array per tap out. The only place where the chain
+
+    decode -> resize -> stack -> preprocess -> forward (engine) -> pool
+
+is composed, with its rules for odd images and the --on-error policy. extract, plan, predict, serve,
+verify and int8 calibration all run images through an `Encoder`, so they cannot drift apart
+(tests/test_chains.py holds them to the same vectors).
+
+An encoder is built once from resolved feature settings, the engine option and the cache folder
+(where converted graphs live). `Encoder.description` is a small frozen value of plain fields that
+pickles; `EncoderDescription.build()` makes the same encoder in another process (a cluster worker),
+giving the same vectors.
+
+Items are image files (str or path), encoded bytes, uint8 arrays (HxW, HxWx1, HxWx3, HxWx4), or a
+zero-argument callable returning one of those (a dataset source's `load`, run only when needed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import images as imagelib
+from .backbones import preprocess
+from .errors import FeatureCacheError
+from .settings import ON_ERROR, FeatureSpec, Resolved, resolve
+from .taps import pool_maps
+
+
+@dataclass(frozen=True)
+class EncoderDescription:
+    """Everything needed to rebuild an encoder elsewhere: plain fields only, so it pickles."""
+    spec: FeatureSpec  # size, taps (`layers`) and int8 calibration pinned
+    cache_dir: str
+    engine: str = "auto"
+    on_error: str = "fail"
+    max_pixels: int = imagelib.MAX_PIXELS
+
+    def build(self, log=None) -> Encoder:
+        res = resolve(self.spec, None, Path(self.cache_dir))
+        return Encoder(res, self.cache_dir, self.engine, self.on_error, taps=self.spec.layers,
+                       max_pixels=self.max_pixels, log=log)
+
+
+@dataclass
+class Batch:
+    """One batch of items after decoding: those that decoded, resized, and why the others did not."""
+    keys: list  # the caller's key (an image id, a position) of each decoded item, in order
+    pixels: np.ndarray | None  # uint8 (n, size, size, 3); None when nothing decoded
+    skipped: dict = field(default_factory=dict)  # key -> why it was left out (on_error="skip")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class Encoded:
+    keys: list  # of the items encoded, in order
+    vectors: dict[str, np.ndarray]  # tap -> (len(keys), dims) float32
+    skipped: dict  # key -> why (on_error="skip")
+
+
+def checkable(item) -> bool:
+    """Whether `check` can tell cheaply that an item will not decode (files and bytes; arrays always do)."""
+    return isinstance(item, (str, os.PathLike, bytes))
+
+
+def check(item, name: str | None = None, max_pixels: int = imagelib.MAX_PIXELS) -> str | None:
+    """Why `item` will not decode, or None: at about half the cost of decoding (JPEGs at draft scale)."""
+    try:
+        if isinstance(item, (str, os.PathLike)):
+            imagelib.check_file(Path(item))
+        elif isinstance(item, bytes):
+            imagelib.open_image(item, name or "image", max_pixels, draft=True)
+    except FeatureCacheError as e:
+        return str(e)
+    return None
+
+
+def decode(item, name: str | None, size: int, resize: str, max_pixels: int = imagelib.MAX_PIXELS) -> np.ndarray:
+    """One item as uint8 (size, size, 3): every image reaches a backbone through here."""
+    if callable(item) and not isinstance(item, np.ndarray):
+        item = item()
+    if isinstance(item, (str, os.PathLike)):
+        rgb = imagelib.load_file(Path(item), max_pixels=max_pixels)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        rgb = imagelib.decode_bytes(bytes(item), name or "image", max_pixels)
+    elif isinstance(item, np.ndarray):
+        rgb = imagelib.array_to_rgb(item, name or "array")
+    else:
+        raise FeatureCacheError(f"{name or 'image'}: {type(item).__name__} is not an image; pass a path, "
+                                "encoded bytes or a uint8 array")
+    return imagelib.resize(rgb, size, resize)
+
+
+class Encoder:
+    """Images -> {tap: vectors} for one resolved feature setting, on one engine.
+
+    res: settings.Resolved; cache_dir: where converted graphs are cached; engine: auto | tensorflow |
+    onnxruntime | openvino; on_error: fail (an unreadable image raises) | skip (left out, reported);
+    taps: the layers to return (default: all of res.layers); model: a Keras model already built from
+    `res` (spares a second build); calibration: () -> items of the int8 calibration sample, used
+    only when the int8 graph is not cached yet.
+    The network is built on first use (`load()`), so an encoder is cheap to make and to describe.
+    """
+
+    def __init__(self, res: Resolved, cache_dir, engine: str = "auto", on_error: str = "fail", taps=None, *,
+                 max_pixels: int = imagelib.MAX_PIXELS, model=None,
+                 calibration: Callable[[], list[Any]] | None = None, log=None):
+        if on_error not in ON_ERROR:
+            raise FeatureCacheError(f"--on-error {on_error}: use fail or skip")
+        self.res, self.cache_dir, self.option, self.on_error = res, Path(cache_dir), engine, on_error
+        self.taps = tuple(dict.fromkeys(taps or res.layers))
+        self.max_pixels, self.log = max_pixels, log
+        self._model, self._calibration, self._forward = model, calibration, None
+
+    # ---- description -------------------------------------------------------------------------------
+    @property
+    def description(self) -> EncoderDescription:
+        spec = self.res.spec or FeatureSpec(self.res.backbone.name)
+        return EncoderDescription(replace(spec, layers=self.taps, size=self.res.size), str(self.cache_dir),
+                                  self.option, self.on_error, self.max_pixels)
+
+    @property
+    def size(self) -> int:
+        return self.res.size
+
+    @property
+    def engine(self) -> str:
+        """The engine that runs the network (auto resolved); builds the network if not built yet."""
+        return self.load()._forward.engine
+
+    # ---- the network --------------------------------------------------------------------------------
+    def load(self) -> Encoder:
+        """Build the model and its forward pass on the engine (once)."""
+        if self._forward is None:
+            from .backbones.build import build_model
+            from .engines import make_forward
+            from .engines.graphs import Graph
+
+            res = self.res
+            if self._model is None:
+                self._model = build_model(res.backbone, res.weights, res.size)
+            graph = Graph(res.backbone.name, res.weights.id, res.size, self.taps)
+            images = (lambda: self._calibration_batch()) if self._calibration else None
+            self._forward = make_forward(self.option, self._model, graph, self.cache_dir, res.precision_setting,
+                                         images, self.log)
+            self._model = None  # the forward pass holds what it needs
+        return self
+
+    def _calibration_batch(self) -> np.ndarray:
+        """The int8 calibration sample, preprocessed; unreadable images are left out."""
+        items = self._calibration()
+        pixels = [p for p in (self._try_decode(item) for item in items) if p is not None]
+        return preprocess(np.stack(pixels), self.res.preprocess_mode)
+
+    def _try_decode(self, item):
+        try:
+            return self.decode(item)
+        except FeatureCacheError:
+            return None
+
+    # ---- images -------------------------------------------------------------------------------------
+    def decode(self, item, name: str | None = None) -> np.ndarray:
+        """One item as the network's uint8 input (size, size, 3); raises FeatureCacheError naming it."""
+        return decode(item, name, self.res.size, self.res.resize, self.max_pixels)
+
+    def prepare(self, items, names=None, keys=None) -> Batch:
+        """Decode and resize a batch (no network): under on_error="fail" the first unreadable item
+        raises, under "skip" it is left out and listed. Safe to run in a thread beside `run`."""
+        keys = list(range(len(items))) if keys is None else list(keys)
+        ok, pixels, skipped = [], [], {}
+        for k, item in enumerate(items):
+            try:
+                pixels.append(self.decode(item, names[k] if names is not None else None))
+                ok.append(keys[k])
+            except FeatureCacheError as e:
+                if self.on_error == "fail":
+                    raise
+                skipped[keys[k]] = str(e)
+        return Batch(ok, np.stack(pixels) if pixels else None, skipped)
+
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        """The network and pooling over a prepared batch: {tap: (len(batch), dims) float32}."""
+        if batch.pixels is None:
+            return {}
+        return self.encode_pixels(batch.pixels)
+
+    def encode_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (N, size, size, 3), already decoded and resized -> {tap: (N, dims) float32}."""
+        outs = self.load()._forward(preprocess(np.asarray(pixels), self.res.preprocess_mode))
+        return {t: pool_maps(np.asarray(maps), self.res.pool) for t, maps in zip(self.taps, outs)}
+
+    def encode(self, items, names=None, keys=None) -> Encoded:
+        """Items -> vectors per tap, with the on-error policy applied."""
+        batch = self.prepare(items, names, keys)
+        return Encoded(batch.keys, self.run(batch), batch.skipped)
+
+    def __call__(self, items) -> dict[str, np.ndarray]:
+        return self.encode(items).vectors

@@ -1,0 +1,172 @@
+"""A fitted run loaded once for serving, with no HTTP in it: the run's encoder and head, and the
+vectors its feature set already holds. featurecache/serve.py puts it behind HTTP.
+
+Images already in the run's feature set (same content hash as the cache uses) are answered from the
+stored vectors without the network. The service only reads the store, never writes it: an upload
+cannot grow the cache or take a feature set's lock away from `extract`. Part files are immutable, so
+they stay open; the set's folder is re-listed at most every REFRESH_S seconds to pick up parts that
+`extract` or `predict` add meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import images as imagelib
+from .errors import FeatureCacheError
+from .predict import label_rows, run_spec
+from .store import EMPTY_READER, FeatureStore
+
+REFRESH_S = 2.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    run_id: str
+    cache_dir: str
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_body: int = 20 << 20
+    max_pixels: int = 4096 * 4096
+    engine: str = "auto"  # what runs the backbone: auto | tensorflow | onnxruntime | openvino
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_body", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise FeatureCacheError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.max_wait_ms < 0:
+            raise FeatureCacheError(f"--max-wait-ms {self.max_wait_ms}: must not be negative")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class StoredVectors:
+    """Read-only view of the run's feature set: the vectors of images already in the cache."""
+
+    def __init__(self, store: FeatureStore, set_id: str):
+        self._store, self.set_id = store, set_id
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._reader = self._read()
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def _listing(self) -> tuple[str, ...]:
+        fs = self._store.get(self.set_id)
+        return fs.part_names() if fs else ()
+
+    def _read(self):
+        fs = self._store.get(self.set_id)
+        return fs.reader() if fs is not None else EMPTY_READER
+
+    def _maybe_refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < REFRESH_S or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._checked = now
+            if self._listing() != self._reader.names:
+                self._reader = self._read()  # old handles close when the last reader drops them
+        except (FeatureCacheError, OSError) as e:
+            _log(f"warning: feature set {self.set_id} not re-read ({e}); serving the previous index")
+        finally:
+            self._lock.release()
+
+    def lookup(self, ids: list[str]) -> dict[int, np.ndarray]:
+        """{position in ids: stored vector} for the ids the set holds."""
+        self._maybe_refresh()
+        return self._reader.lookup(ids)
+
+
+@dataclass
+class Prepared:
+    """One request's images: ids, rows of those the cache holds, decoded pixels of the others."""
+    names: list[str]
+    ids: list[str]
+    rows: dict[int, dict]
+    pixels: dict[int, np.ndarray]
+
+
+class Service:
+    """A run's backbone, head and feature set, loaded once."""
+
+    def __init__(self, opts: ServeOptions):
+        from .encoder import Encoder
+        from .engines import choose
+        from .runs import load_head
+        from .settings import resolve
+
+        opts.check()
+        self.opts = opts
+        cache = Path(opts.cache_dir)
+        self.record, self.pipeline = load_head(cache, opts.run_id)
+        self.layer = self.record["layer"]
+        self.res = resolve(run_spec(self.record), None, cache)
+        choose(opts.engine, self.res.precision)  # a bad --engine fails before the model is built
+        t0 = time.perf_counter()
+        self.encoder = Encoder(self.res, cache, opts.engine, "fail", [self.layer], max_pixels=opts.max_pixels,
+                               log=_log)
+        self.engine = self.encoder.engine  # builds the network
+        blank = np.zeros((opts.max_batch, self.res.size, self.res.size, 3), np.uint8)
+        self.compute(blank[:1])  # two batch sizes: tf.function then settles on one trace for any size
+        self.compute(blank)
+        self.stored = StoredVectors(FeatureStore(cache), self.res.set_ids[self.layer])
+        _log(f"run {opts.run_id}: {self.record['features']} + {self.record['head']} loaded on {self.engine} and "
+             f"warmed up in "
+             f"{time.perf_counter() - t0:.1f} s; {len(self.stored)} images in feature set {self.stored.set_id}")
+
+    def compute(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, size, size, 3) -> (N, D) vectors, exactly as extraction makes them (same encoder)."""
+        return self.encoder.encode_pixels(pixels)[self.layer]
+
+    def prepare(self, named: list[tuple[str, bytes]], top: int) -> Prepared:
+        """Hash every image and label those in the cache; decode the others (a bad one fails the request)."""
+        names = [n for n, _ in named]
+        ids = [imagelib.content_hash(data) for _, data in named]
+        stored = self.stored.lookup(ids)
+        hits = sorted(stored)
+        rows = dict(zip(hits, self._label([names[k] for k in hits], [stored[k] for k in hits], top)))
+        pixels = {k: self.decode(name, data) for k, (name, data) in enumerate(named) if k not in stored}
+        return Prepared(names, ids, rows, pixels)
+
+    def decode(self, name: str, data: bytes) -> np.ndarray:
+        return self.encoder.decode(data, name)  # the pixel limit (opts.max_pixels) applies before decoding
+
+    def label_batch(self, items: list[tuple[str, np.ndarray, int]]) -> list[dict]:
+        """(name, pixels, top) of new images from several requests -> one forward pass, one head call."""
+        names, pixels, tops = zip(*items)
+        rows = self._label(list(names), self.compute(np.stack(pixels)), max(tops))
+        for row, top in zip(rows, tops):
+            row["top"] = row["top"][:top]
+        return rows
+
+    def _label(self, names: list[str], vectors, top: int) -> list[dict]:
+        if not names:
+            return []
+        return label_rows(names, self.pipeline, np.asarray(vectors), self.record["class_names"], top)
+
+    def info(self) -> dict:
+        r, res = self.record, self.res
+        info = {"run": r["run_id"], "backbone": res.backbone.name, "weights": res.weights.label, "engine": self.engine,
+                "precision": res.precision,
+                "layer": self.layer, "pooling": res.pool, "size": res.size, "resize": res.resize,
+                "preprocess": res.preprocess_mode, "head": r["head"], "head_options": r.get("head_options", {}),
+                "normalize": r.get("normalize"), "pca": r.get("pca"), "class_names": r["class_names"],
+                "feature_set": {"id": self.stored.set_id, "key": res.keys[self.layer],
+                                "stored_images": len(self.stored)},
+                "metrics": r["metrics"], "data": r.get("data"), "created": r.get("created"),
+                "limits": {k: v for k, v in dataclasses.asdict(self.opts).items() if k.startswith("max_")}}
+        if self.stored.set_id != r.get("feature_set"):
+            info["notice"] = (f"the run was fitted on feature set {r.get('feature_set')}; these library versions "
+                              f"key it as {self.stored.set_id}, so its training images are not cache hits")
+        return info

@@ -1,0 +1,186 @@
+"""Settings as values: what shapes a vector (`FeatureSpec`, made concrete by `resolve`) and how a run
+goes (`RunSettings`), each passed as one frozen value rather than as loose arguments.
+
+Nothing here imports TensorFlow: resolving a spec, naming its feature sets and checking the options
+are what a cache hit needs, and a cache hit must stay cheap. Every feature set is named by one key
+function, `fingerprint.key_id`, applied to `Resolved.key(layer)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import images as imagelib
+from .backbones import Backbone, get_backbone, preprocess_mode
+from .backbones.weights import Weights, resolve_weights
+from .errors import FeatureCacheError
+from .fingerprint import feature_key, key_id
+
+RESIZES = tuple(imagelib.RESIZE_METHODS)
+ON_ERROR = ("fail", "skip")
+PRECISIONS = ("float32", "int8")
+INT8_ENGINE = "openvino"  # nncf's post-training quantisation targets OpenVINO's int8 kernels
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numeric precision of a feature set, with one spelling in keys: `key()` writes it, `parse()`
+    reads it back. float32 keeps the historic "fp32" so existing sets stay valid; int8 names its
+    engine and calibration sample, both of which move the vectors."""
+    name: str = "float32"  # float32 | int8
+    calibration: str = ""  # int8: id of the training-image sample it was calibrated on
+
+    def __post_init__(self):
+        if self.name not in PRECISIONS:
+            raise FeatureCacheError(f"--precision {self.name}: unknown; use one of {', '.join(PRECISIONS)}")
+
+    @property
+    def int8(self) -> bool:
+        return self.name == "int8"
+
+    def key(self) -> str:
+        return "fp32" if self.name == "float32" else f"int8-{INT8_ENGINE}-{self.calibration}"
+
+    @classmethod
+    def parse(cls, text: str) -> Precision:
+        """A precision from an option (float32, int8) or a key (fp32, int8-openvino-<sample>)."""
+        if text in ("float32", "fp32"):
+            return cls()
+        if text == "int8":
+            return cls("int8")
+        prefix = f"int8-{INT8_ENGINE}-"
+        if text.startswith(prefix):
+            return cls("int8", text[len(prefix):])
+        raise FeatureCacheError(f"--precision {text}: unknown; use one of {', '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The feature settings: the options that shape vectors (one spec may name several taps)."""
+    model: str
+    weights: str = "imagenet"
+    layers: tuple[str, ...] = ()
+    pool: str = "flatten"
+    size: int | None = None
+    resize: str = "nearest"
+    preprocess: str = "auto"
+    seed: int = 0  # of random weights
+    precision: str = "float32"  # or int8: a different feature set
+    calibration: str = ""  # int8 only: id of the training-image sample it was calibrated on (`calibrated`)
+
+    @property
+    def precision_setting(self) -> Precision:
+        return Precision(self.precision, self.calibration)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run goes, never what it computes: none of these changes a vector or a key."""
+    cache_dir: Path
+    engine: str = "auto"  # auto | tensorflow | onnxruntime | openvino
+    batch_size: int = 64
+    progress: bool = True
+    on_error: str = "fail"  # unreadable images: fail (checked before any network work) | skip
+    log: object = field(default=None, compare=False, repr=False)  # callable(str); None: stderr
+
+    def __post_init__(self):
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.batch_size < 1:
+            raise FeatureCacheError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.on_error not in ON_ERROR:
+            raise FeatureCacheError(f"--on-error {self.on_error}: use fail or skip")
+
+    def say(self, msg: str) -> None:
+        (self.log or _stderr)(msg)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+CALIBRATION_SAMPLE = 300  # nncf's default subset size; more brought no accuracy on Fashion-MNIST and costs time
+
+
+def calibration_sample(train_ids: list[str], n: int = CALIBRATION_SAMPLE) -> tuple[list[str], str]:
+    """(chosen image ids, 12-hex id of the sample): a seeded choice among the training images' content
+    hashes, independent of file order, so the same training set always gives the same int8 set."""
+    import hashlib
+
+    import numpy as np
+
+    unique = sorted(set(train_ids))
+    order = np.random.default_rng(0).permutation(len(unique))[:n]
+    chosen = sorted(unique[k] for k in order)
+    return chosen, hashlib.blake2b("\n".join(chosen).encode(), digest_size=6).hexdigest()
+
+
+def calibrated(spec: FeatureSpec, train_ids: list[str]) -> FeatureSpec:
+    """`spec` with its int8 calibration sample named (drawn from `train_ids`); float32 specs unchanged."""
+    if not Precision(spec.precision).int8 or spec.calibration:
+        return spec
+    if not train_ids:
+        raise FeatureCacheError("--precision int8: no training images to calibrate on; use --precision float32")
+    return replace(spec, calibration=calibration_sample(train_ids)[1])
+
+
+@dataclass
+class Resolved:
+    """A spec made concrete for one dataset: size, layer names, keys and set ids."""
+    backbone: Backbone
+    weights: Weights
+    size: int
+    preprocess_mode: str
+    pool: str
+    resize: str
+    layers: list[str]
+    keys: dict[str, dict]
+    set_ids: dict[str, str]
+    notices: list[str] = field(default_factory=list)
+    precision: str = "float32"
+    calibration: str = ""
+    spec: FeatureSpec | None = None  # the spec with size and layers pinned: rebuilds this anywhere
+
+    @property
+    def precision_setting(self) -> Precision:
+        return Precision(self.precision, self.calibration)
+
+    def key(self, layer: str) -> dict:
+        """The key parts of `layer`'s feature set: everything that changes its vectors."""
+        return feature_key(self.backbone.name, self.weights.id, layer, self.pool, self.size, self.resize,
+                           self.preprocess_mode, precision=self.precision_setting.key())
+
+
+def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Resolved:
+    """Everything needed for a cache lookup, without importing TensorFlow."""
+    from .taps import check_pool, default_layer
+
+    backbone = get_backbone(spec.model)
+    check_pool(spec.pool)
+    if spec.resize not in RESIZES:
+        raise FeatureCacheError(f"--resize {spec.resize}: unknown; use one of {', '.join(RESIZES)}")
+    precision = Precision(spec.precision, spec.calibration)
+    notices = []
+    if spec.size is not None:
+        size = spec.size
+    elif native_size is None:
+        size = backbone.default_size
+    elif native_size < backbone.min_size:
+        size = backbone.min_size
+        notices.append(f"images are {native_size}x{native_size}, below {backbone.name}'s minimum; "
+                       f"upsizing to {size}x{size} ({spec.resize}); set --size to choose")
+    else:
+        size = native_size
+    backbone.check_size(size)
+    mode = preprocess_mode(backbone, spec.preprocess)
+    weights = resolve_weights(backbone, spec.weights, spec.seed, cache_dir)
+    layers = list(dict.fromkeys(spec.layers)) or [default_layer(backbone, size, cache_dir)]
+    if precision.int8 and not precision.calibration:
+        raise FeatureCacheError("--precision int8: no calibration sample named; pass the spec through "
+                                "featurecache.settings.calibrated(spec, train_ids) first")
+    res = Resolved(backbone, weights, size, mode, spec.pool, spec.resize, layers, {}, {}, notices, spec.precision,
+                   spec.calibration, replace(spec, size=size, layers=tuple(layers)))
+    res.keys = {layer: res.key(layer) for layer in layers}
+    res.set_ids = {layer: key_id(k) for layer, k in res.keys.items()}
+    return res
