@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from . import images as imagelib
 from .errors import FeatureCacheError
 from .imagenet_classes import IMAGENET_CLASSES
 
@@ -24,33 +24,29 @@ def _model():
     return efficientnet_lite0((SIZE, SIZE, 3), include_top=True, weights=default_weights_path())
 
 
-def _load(item, index: int) -> Image.Image:
+def _pixels(item, index: int, max_pixels: int) -> np.ndarray:
+    """One item as uint8 (SIZE, SIZE, 3), through the rules every image in featurecache follows
+    (featurecache.images): EXIF rotation, colour modes, and the pixel-count guard checked on the
+    header, before a file is decoded."""
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim not in (2, 3):
             raise FeatureCacheError(f"image {index}: array of {item.dtype} {item.shape}; pass uint8 "
                                     f"(H, W) or (H, W, 3|4) pixels, e.g. via skimage.util.img_as_ubyte")
-        return Image.fromarray(item)
-    path = Path(os.fspath(item))
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise FeatureCacheError(f"{path}: no such file; check the path") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise FeatureCacheError(f"{path}: not a readable image ({e}); pass a JPEG, PNG or other "
-                                f"Pillow-readable file") from None
+        rgb = imagelib.array_to_rgb(item, f"image {index}")
+    else:
+        path = Path(os.fspath(item))
+        if not path.is_file():
+            raise FeatureCacheError(f"{path}: no such file; check the path")
+        rgb = imagelib.load_file(path, max_pixels=max_pixels)
+    return imagelib.resize(rgb, SIZE, "bilinear")
 
 
-def _pixels(item, index: int) -> np.ndarray:
-    image = _load(item, index).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def classify(paths_or_arrays, top: int = 5) -> list[list[tuple[int, str, float]]]:
+def classify(paths_or_arrays, top: int = 5, max_pixels: int = imagelib.MAX_PIXELS
+             ) -> list[list[tuple[int, str, float]]]:
     """Per image, the `top` most likely ImageNet classes as (index, label, probability), best first.
 
     Items are file paths or uint8 pixel arrays (grey, RGB or RGBA); a single path or array also works.
+    A file declaring more than `max_pixels` pixels is refused before it is decoded.
     """
     if not 1 <= top <= len(IMAGENET_CLASSES):
         raise FeatureCacheError(f"top={top}: must be between 1 and {len(IMAGENET_CLASSES)}")
@@ -61,7 +57,7 @@ def classify(paths_or_arrays, top: int = 5) -> list[list[tuple[int, str, float]]
         return []
     from .backbones.efficientnet_lite import preprocess_input
 
-    pixels = np.stack([_pixels(item, i) for i, item in enumerate(items)])
+    pixels = np.stack([_pixels(item, i, max_pixels) for i, item in enumerate(items)])
     probs = _model().predict(preprocess_input(pixels), batch_size=BATCH, verbose=0)
     best = np.argsort(-probs, axis=1, kind="stable")[:, :top]
     return [[(int(i), IMAGENET_CLASSES[i], float(p[i])) for i in row] for p, row in zip(probs, best)]

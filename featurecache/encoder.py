@@ -117,6 +117,7 @@ class Encoder:
         self.taps = tuple(dict.fromkeys(taps or res.layers))
         self.max_pixels, self.log = max_pixels, log
         self._model, self._calibration, self._forward = model, calibration, None
+        self.passes = self.encoded = 0  # forward passes run and images through them (a server's batching)
 
     # ---- description -------------------------------------------------------------------------------
     @property
@@ -193,6 +194,7 @@ class Encoder:
     def encode_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (N, size, size, 3), already decoded and resized -> {tap: (N, dims) float32}."""
         outs = self.load()._forward(preprocess(np.asarray(pixels), self.res.preprocess_mode))
+        self.passes, self.encoded = self.passes + 1, self.encoded + len(pixels)
         return {t: pool_maps(np.asarray(maps), self.res.pool) for t, maps in zip(self.taps, outs)}
 
     def encode(self, items, names=None, keys=None) -> Encoded:

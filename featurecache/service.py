@@ -165,7 +165,9 @@ class Service:
                 "feature_set": {"id": self.stored.set_id, "key": res.keys[self.layer],
                                 "stored_images": len(self.stored)},
                 "metrics": r["metrics"], "data": r.get("data"), "created": r.get("created"),
-                "limits": {k: v for k, v in dataclasses.asdict(self.opts).items() if k.startswith("max_")}}
+                "limits": {k: v for k, v in dataclasses.asdict(self.opts).items() if k.startswith("max_")},
+                "encoder": {"engine": self.engine, "forward_passes": self.encoder.passes,
+                            "images_encoded": self.encoder.encoded}}
         if self.stored.set_id != r.get("feature_set"):
             info["notice"] = (f"the run was fitted on feature set {r.get('feature_set')}; these library versions "
                               f"key it as {self.stored.set_id}, so its training images are not cache hits")

@@ -192,8 +192,15 @@ def test_every_keras_weight_is_its_checkpoint_tensor(pretrained, state):
     assert pretrained.count_params() == 4_694_024
 
 
-def test_headless_model_skips_only_the_classifier(small_headless):
+def test_headless_model_skips_only_the_classifier(small_headless, pretrained):
     lite.load_torch_weights(small_headless, PTH)  # would raise on any leftover besides _fc
+    assert "predictions" not in [layer.name for layer in small_headless.layers]
+    full = {layer.name: layer for layer in pretrained.layers}
+    loaded = [layer for layer in small_headless.layers if layer.weights]
+    assert len(loaded) == len([layer for layer in pretrained.layers if layer.weights]) - 1  # all but the classifier
+    for layer in loaded:  # every other weight is the checkpoint's, as in the full model
+        for got, want in zip(layer.get_weights(), full[layer.name].get_weights()):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_checkpoint_with_missing_or_extra_tensors_fails(tmp_path, state, small_headless):
@@ -285,3 +292,21 @@ def test_classify_names_a_non_image_file(tmp_path):
         classify([text])
     with pytest.raises(FeatureCacheError, match="top=0"):
         classify([text], top=0)
+
+
+def test_classify_refuses_a_decompression_bomb_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = tmp_path / "bomb.png"  # declares 30000x30000 in its header, holds a few bytes
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    with pytest.raises(FeatureCacheError, match="bomb.png: declares .*over the limit"):
+        classify([bomb])
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(small)
+    with pytest.raises(FeatureCacheError, match=r"small.png: declares 50x40 pixels, over the limit of 1,000"):
+        classify([small], max_pixels=1000)  # the same guard as extraction's, with its limit

@@ -68,10 +68,29 @@ def test_truncated_jpeg_is_reported():
         images.open_image(data[: len(data) // 2], "a.jpg")
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but whose pixel data is a few bytes: decoding it
+    would fail as a damaged image, so a refusal "over the limit" proves the check came first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
 def test_decompression_bomb_is_refused_before_decoding():
     data = encode(Image.new("L", (9000, 9000)), "PNG")
     with pytest.raises(FeatureCacheError, match="over the limit"):
         images.open_image(data, "bomb.png", max_pixels=10_000_000)
+    declared = png_declaring(5000, 5000)  # 25 Mpx: under Pillow's own guard, over ours
+    with pytest.raises(FeatureCacheError, match="damaged image"):
+        images.open_image(declared, "cut.png", max_pixels=30_000_000)  # decoded: its data is missing
+    with pytest.raises(FeatureCacheError, match=r"declares 5000x5000 pixels, over the limit") as e:
+        images.open_image(declared, "cut.png", max_pixels=10_000_000)
+    assert "damaged" not in str(e.value)  # refused from the header alone, never decoded
 
 
 def test_arrays_and_resize():

@@ -112,16 +112,20 @@ def test_file_order_and_batch_position_do_not_change_vectors_or_the_set(tmp_path
 
 def test_thread_count_does_not_change_the_set_and_barely_the_vectors(tmp_path):
     """TF's intra-op thread count is not in the key. The vectors are not bit-identical across thread
-    counts (oneDNN splits work differently: ~1e-7 relative), which is why the key may leave it out."""
+    counts (oneDNN splits work differently: ~1e-7 relative), which is why the key may leave it out.
+    Both runs are pinned to TensorFlow, whose thread variables the child sets (auto would pick ONNX
+    Runtime, which never reads them)."""
     ds = DataOptions("digits", max_train=20, max_test=10).load()
-    _, s = extract_dataset(ds, SPEC, tmp_path / "a", progress=False)
+    _, s = extract_dataset(ds, SPEC, tmp_path / "a", progress=False, engine="tensorflow")
+    assert s.engine == "tensorflow"
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-m", "featurecache.cli", "extract", "--data", "digits", "--max-train", "20",
                           "--max-test", "10", "--model", "vgg16", "--weights", "random", "--size", "32",
-                          "--layer", "block5_pool", "--cache-dir", str(tmp_path / "b"), "--json"],
+                          "--layer", "block5_pool", "--cache-dir", str(tmp_path / "b"), "--engine", "tensorflow", "--json"],
                          env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    other = json.loads(out)["sets"][0]["id"]
-    assert other == s.sets[0]["id"]
+    child = json.loads(out)
+    other = child["sets"][0]["id"]
+    assert other == s.sets[0]["id"] and child["engine"] == "tensorflow"
     ids = ds.train.images.ids + ds.test.images.ids
     va = FeatureStore(tmp_path / "a").get(other).gather(ids)
     vb = FeatureStore(tmp_path / "b").get(other).gather(ids)

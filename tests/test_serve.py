@@ -42,7 +42,8 @@ def server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "serve", "--run", run_id, "--port", str(port),
-                             "--max-pixels", str(MAX_PIXELS), "--max-body-mb", str(MAX_BODY_MB)],
+                             "--max-pixels", str(MAX_PIXELS), "--max-body-mb", str(MAX_BODY_MB),
+                             "--max-wait-ms", "50"],  # room for concurrent requests to meet in one batch
                             env=dict(os.environ, FEATURECACHE_DIR=str(cache)), cwd=ROOT, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -134,10 +135,14 @@ def test_concurrent_requests_are_batched_and_answered_alike(server):
         assert r.status_code == 200, r.text
         return r.json()["predictions"][0]
 
+    before = httpx.get(f"{server['url']}/info").json()["encoder"]
     with ThreadPoolExecutor(12) as pool:
         together = list(pool.map(one, noise))
+    after = httpx.get(f"{server['url']}/info").json()["encoder"]
     alone = [one(data) for data in noise[:3]]
     assert not any(row["cached"] for row in together)
+    assert after["images_encoded"] - before["images_encoded"] == 12
+    assert after["forward_passes"] - before["forward_passes"] < 12  # some requests shared a forward pass
     assert [row["label"] for row in together[:3]] == [row["label"] for row in alone]
 
 
