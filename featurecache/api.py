@@ -2,6 +2,11 @@
 
     from featurecache.api import load_features
     X_train, y_train, X_test, y_test, classes = load_features("digits", model="vgg16", weights="hed-bsds")
+
+    from featurecache.api import FeatureSpec, make_encoder
+    enc = make_encoder(FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), size=32))
+    vectors = enc(["a.png", "b.jpg"])["block3_pool"]     # paths, bytes or uint8 arrays
+    enc.description                                      # plain and picklable: .build() it elsewhere
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from pathlib import Path
 
 from .datasets import Dataset, load_dataset
 from .errors import FeatureCacheError
-from .extract import FeatureSpec, Resolved, Summary, calibrated, extract, resolve
+from .extract import Resolved, Summary, extract
+from .settings import FeatureSpec, Precision, RunSettings, calibrated, resolve  # noqa: F401  (public values)
 from .store import FeatureStore
 
 
@@ -122,3 +128,61 @@ def load_features(data: str = "digits", model: str = "vgg16", weights: str = "he
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     _, x_train, x_test = dataset_features(ds, spec, cache, opts, compute=extract, progress=progress, engine=engine)
     return x_train, ds.train.labels, x_test, ds.test.labels, list(ds.class_names)
+
+
+def make_encoder(spec: FeatureSpec, cache_dir: str | Path | None = None, engine: str | None = None,
+                 on_error: str = "fail", native_size: int | None = None, train_ids: list[str] | None = None,
+                 log=None):
+    """The encoder of `spec` (featurecache.encoder.Encoder): images -> {tap: vectors}, nothing stored.
+
+    engine: auto | tensorflow | onnxruntime | openvino (default: $FEATURECACHE_ENGINE or auto);
+    on_error: fail | skip; native_size: the images' side when spec.size is None; train_ids: the
+    training images' ids an int8 spec calibrates on (its graph must then be in the cache already, as
+    `extract --precision int8` leaves it). The network is built on first use.
+    """
+    from .encoder import Encoder
+    from .engines import choose
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    spec = calibrated(spec, train_ids or []) if train_ids else spec
+    engine = engine or default_engine()
+    choose(engine, spec.precision)
+    return Encoder(resolve(spec, native_size, cache), cache, engine, on_error, log=log)
+
+
+def encode_images(images, spec: FeatureSpec, cache_dir: str | Path | None = None, engine: str | None = None,
+                  batch_size: int = 64, log=None) -> dict:
+    """{tap: (N, dims) float32} for `images` (paths, bytes or uint8 arrays), in batches; nothing stored."""
+    import numpy as np
+
+    enc = make_encoder(spec, cache_dir, engine, log=log)
+    images = list(images)
+    parts = [enc(images[k:k + batch_size]) for k in range(0, len(images), batch_size)]
+    return {t: np.concatenate([p[t] for p in parts]) for t in enc.taps}
+
+
+def time_engines(spec: FeatureSpec, images, engines=("tensorflow", "onnxruntime", "openvino"),
+                 cache_dir: str | Path | None = None, batch_size: int = 64, rounds: int = 3, log=None) -> dict:
+    """{engine: {"images_per_second", "setup_seconds"}} of each installed engine on `images` (decoded
+    once, outside the timing): the best of `rounds` passes over them, after one warm-up batch."""
+    import time
+
+    from .engines import installed
+
+    out = {}
+    for engine in engines:
+        if engine != "tensorflow" and not installed(engine):
+            continue
+        t0 = time.perf_counter()
+        enc = make_encoder(spec, cache_dir, engine, log=log).load()
+        batch = enc.prepare(list(images))
+        enc.encode_pixels(batch.pixels[:batch_size])  # compilation and allocation, not steady state
+        setup = time.perf_counter() - t0
+        best = 0.0
+        for _ in range(rounds):
+            t1 = time.perf_counter()
+            for k in range(0, len(batch), batch_size):
+                enc.encode_pixels(batch.pixels[k:k + batch_size])
+            best = max(best, len(batch) / (time.perf_counter() - t1))
+        out[enc.engine] = {"images_per_second": round(best, 1), "setup_seconds": round(setup, 2)}
+    return out
