@@ -7,7 +7,6 @@ against the full decode extraction does anyway, written to docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,11 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from docs_section import write_section  # noqa: E402
+from featurecache.bench import check_file, decode_file, write_section
 
-from featurecache import images  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [("JPEG 640x480", (480, 640), "JPEG", 40), ("JPEG 4000x3000 (12 MP photo)", (3000, 4000), "JPEG", 4),
          ("PNG 640x480", (480, 640), "PNG", 20), ("PNG 32x32", (32, 32), "PNG", 200)]
@@ -49,8 +46,8 @@ def main():
         for name, (h, w), fmt, repeat in CASES:
             path = Path(d) / f"img.{fmt.lower()}"
             Image.fromarray(photo_like(h, w)).save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-            full = per_image_ms(images.load_file, path, repeat)
-            check = per_image_ms(images.check_file, path, repeat)
+            full = per_image_ms(decode_file, path, repeat)
+            check = per_image_ms(check_file, path, repeat)
             rows.append(f"| {name} | {path.stat().st_size // 1024} KB | {full:.1f} | {check:.1f} |")
     table = "\n".join(["| image | file | full decode (ms) | check (ms) |", "|---|---|---|---|", *rows])
     body = f"""Command: `python scripts/bench_check.py --write-docs` (one thread; the check runs on all cores).

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SECTION = "Heads (scripts/bench_heads.py)"
 REFERENCE = "sklearn-linearsvc"
@@ -150,7 +149,7 @@ def child(args) -> None:
         pipe = Pipeline([("normalize", heads.L2Normalizer()),
                          ("head", LinearSVC(C=args.C, dual=False))])
     else:
-        options = {"C": args.C} if "C" in heads.HEADS[name].options else {}
+        options = {"C": args.C} if heads.HEADS[name].accepts("C") else {}
         pipe = heads.make_pipeline(name, options, normalize="l2")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -276,20 +275,9 @@ def write_doc(path: Path, kind: str, block: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     blocks[kind] = f"### {BLOCK_TITLES[kind]}\n\n_Measured {stamp}._\n\n{block.strip()}"
     body = "\n\n".join([PREAMBLE] + [blocks[k] for k in BLOCK_ORDER if k in blocks])
-    try:
-        from docs_section import write_section  # scripts/docs_section.py
-    except ImportError:
-        write_section = None
-    if write_section is not None:
-        write_section(path, SECTION, body)
-        return
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (pattern.sub(lambda _: section + "\n", text) if pattern.search(text)
-            else text.rstrip() + "\n\n" + section)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from featurecache.bench import write_section
+
+    write_section(path, SECTION, body)
 
 
 def main(argv=None) -> None:

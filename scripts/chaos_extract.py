@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featurecache.api import DataOptions
+from featurecache.bench import run_cli, set_state, set_vectors, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from docs_section import write_section  # noqa: E402
 
 PROGRESS = re.compile(r"(\d+)/(\d+) \[")
 
@@ -104,17 +105,10 @@ class Attempt:
 
 
 def stored(cache: Path, set_id: str):
-    """(FeatureSet or None, rows in all parts): opening every part and gathering every row proves the
-    store readable; rows in parts vs distinct ids catches a doubled row."""
-    from featurecache.store import FeatureStore
-
-    fs = FeatureStore(cache).get(set_id)
-    if fs is None:
-        return None, 0
-    rows = sum(len(p.ids) for p in fs.parts())
-    ids = list(fs.index())
-    fs.gather(ids)
-    return fs, rows
+    """(ids stored, rows in all parts, temporary files); reading the set's state gathers every row, which
+    proves the store readable, and rows in parts vs distinct ids catches a doubled row."""
+    state = set_state(cache, set_id)
+    return (state.ids, state.rows, state.temp_files) if state else (frozenset(), 0, 0)
 
 
 def kill_plan(rng, a, remaining: int, kills_left: int, startup: float, warmup: float, rate: float):
@@ -126,22 +120,19 @@ def kill_plan(rng, a, remaining: int, kills_left: int, startup: float, warmup: f
 
 
 def run(a) -> dict:
-    from featurecache.datasets import load_dataset
-    from featurecache.extract import FeatureSpec, resolve
-
     work = Path(a.work or tempfile.mkdtemp(prefix="chaos-"))
     ref_cache, chaos_cache = work / "reference", work / "chaos"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TQDM_MININTERVAL="0", TQDM_MINITERS="1",
                FEATURECACHE_PART_ROWS=str(a.part_rows), PYTHONUNBUFFERED="1")
-    ds = load_dataset("digits", max_train=a.max_train, max_test=a.max_test)
+    ds = DataOptions("digits", max_train=a.max_train, max_test=a.max_test).load()
     n = len(set(ds.train.images.ids + ds.test.images.ids))
-    set_id = resolve(FeatureSpec("vgg16", "random", ("block5_pool",), size=a.size), ds.native_size(),
-                     ref_cache).set_ids["block5_pool"]
     t_start = time.monotonic()
 
     ref = Attempt(extract_args(a, ref_cache), env)
     if ref.finish():
         sys.exit(f"reference run failed:\n{ref.stderr.decode()[-2000:]}")
+    # The same command again is a cache hit; its summary names the set (--json has no progress bar to follow).
+    (set_id,) = [s["id"] for s in json.loads(run_cli([*extract_args(a, ref_cache), "--json"], env).stdout)["sets"]]
     startup = ref.first_progress or 5.0
     (t1, d1), (t2, d2) = ref.first_done, ref.last_done
     warmup, rate = t1 - startup, (d2 - d1) / max(t2 - t1, 1e-3)
@@ -162,8 +153,8 @@ def run(a) -> dict:
             if rc != 0:
                 sys.exit(f"extract failed after {len(kills)} kills (rc {rc}):\n{att.stderr.decode()[-2000:]}")
             break  # it finished before its kill moment: nothing left to kill
-        fs, rows = stored(chaos_cache, set_id)
-        after = len(fs) if fs else 0
+        stored_ids, rows, temp_files = stored(chaos_cache, set_id)
+        after = len(stored_ids)
         if rows != after:
             sys.exit(f"kill {len(kills) + 1}: {rows} rows for {after} distinct ids: a row is doubled")
         k = {"kill": len(kills) + 1, "at_s": round(time.monotonic() - att.t0, 2),
@@ -171,7 +162,7 @@ def run(a) -> dict:
              "planned": att.planned, "done": att.done, "durable_before": durable, "durable_after": after,
              "lost": att.done - (after - durable),
              "redo_beyond_lost": None if att.planned is None else att.planned - (n - durable),
-             "temp_files": len(fs.temp_files()) if fs else len(list((chaos_cache / "features").glob("*/.*.tmp*")))}
+             "temp_files": temp_files if stored_ids else len(list((chaos_cache / "features").glob("*/.*.tmp*")))}
         kills.append(k)
         durable = after
 
@@ -184,13 +175,11 @@ def run(a) -> dict:
 
 
 def compare(a, ref_cache, chaos_cache, set_id, ds, n, kills, final_redo, last, seconds, startup, rate) -> dict:
-    from featurecache.verify import check_structure
-
-    ref, _ = stored(ref_cache, set_id)
-    got, rows = stored(chaos_cache, set_id)
+    ref, _, _ = stored(ref_cache, set_id)
+    got, rows, _ = stored(chaos_cache, set_id)
     ids = list(dict.fromkeys(ds.train.images.ids + ds.test.images.ids))
-    x_ref, x_got = ref.gather(ids), got.gather(ids)
-    problems, _ = check_structure(got)
+    x_ref, x_got = set_vectors(ref_cache, set_id, ids), set_vectors(chaos_cache, set_id, ids)
+    problems = set_state(chaos_cache, set_id).problems
     network = [k for k in kills if k["phase"] == "network"]
     lost = [k["lost"] for k in network]
     redo = [k["redo_beyond_lost"] for k in kills if k["redo_beyond_lost"] is not None] + \
@@ -206,10 +195,10 @@ def compare(a, ref_cache, chaos_cache, set_id, ds, n, kills, final_redo, last, s
         "final_run_computed": last.planned or 0,
         "network_images_total": int(sum(k["done"] for k in kills) + (last.planned or 0)),
         "temp_files_seen_max": max((k["temp_files"] for k in kills), default=0),
-        "stored_ids": len(got), "rows_in_parts": rows, "same_ids": set(got.index()) == set(ref.index()) == set(ids),
+        "stored_ids": len(got), "rows_in_parts": rows, "same_ids": got == ref == set(ids),
         "bit_identical": bool(np.array_equal(x_ref, x_got)),
         "max_abs_difference": float(np.abs(x_ref - x_got).max()),
-        "verify_problems": [p.text for p in problems],
+        "verify_problems": list(problems),
         "reference_startup_s": round(startup, 1), "reference_images_per_s": round(rate, 1),
         "seconds": round(seconds, 1), "per_kill": kills,
     }

@@ -20,19 +20,17 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from featurecache.api import DataOptions, extract_dataset  # noqa: E402
-from featurecache.errors import FeatureCacheError  # noqa: E402
-from featurecache.extract import FeatureSpec  # noqa: E402
+from featurecache.api import DataOptions
+from featurecache.bench import run_cli
+from featurecache.errors import FeatureCacheError
 
 KERAS_VGG16_NOTOP = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
-def protocol_spec(weights: str) -> FeatureSpec:
-    return FeatureSpec("vgg16", weights, ("block5_pool",), pool="flatten", size=64, resize="nearest",
-                       preprocess="scale01")
+def protocol_args(weights: str) -> list[str]:
+    """The protocol's feature options, as `featurecache extract` and `fit` take them."""
+    return ["--model", "vgg16", "--weights", weights, "--layer", "block5_pool", "--pool", "flatten", "--size", "64",
+            "--resize", "nearest", "--preprocess", "scale01"]
 
 
 def check_weights(weights: str, download: bool) -> None:
@@ -45,21 +43,31 @@ def check_weights(weights: str, download: bool) -> None:
                                 "(needs the network) or --weights PATH to a Keras VGG16 notop weights file")
 
 
-def run(args) -> dict:
-    from featurecache.fit import fit_head
+def data_args(args) -> list[str]:
+    out = ["--data", "cifar10"]
+    for flag, value in (("--data-dir", args.data_dir), ("--max-train", args.max_train), ("--max-test", args.max_test)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
-    data = DataOptions("cifar10", args.data_dir, max_train=args.max_train, max_test=args.max_test)
-    ds = data.load()  # first: a missing archive is the likelier problem, and cheap to find
-    check_weights(args.weights, args.download)
-    spec = protocol_spec(args.weights)
-    cache = Path(args.cache_dir)
-    _, summary = extract_dataset(ds, spec, cache, progress=not args.json)
-    record = fit_head(data, spec, "linsvc", {"C": 1.0}, "l2", None, [], cache, progress=False,
-                      notes="classic CIFAR-10 protocol", log=lambda m: None)
+
+def run(args) -> dict | None:
+    """Extract, then fit, each a `featurecache` command; None (after the command's own error line) on failure."""
+    DataOptions("cifar10", args.data_dir, max_train=args.max_train, max_test=args.max_test).load()  # a missing
+    check_weights(args.weights, args.download)  # archive is the likelier problem, and cheap to find: first
+    env = dict(os.environ, FEATURECACHE_DIR=str(args.cache_dir), TF_CPP_MIN_LOG_LEVEL="3")
+    extract = run_cli(["extract", *data_args(args), *protocol_args(args.weights), "--json"], env, check=False)
+    if extract.returncode:
+        return None
+    fit = run_cli(["fit", *data_args(args), *protocol_args(args.weights), "--head", "linsvc", "--C", "1",
+                   "--notes", "classic CIFAR-10 protocol", "--json"], env, check=False)
+    if fit.returncode:
+        return None
+    summary, record = json.loads(extract.stdout), json.loads(fit.stdout)
     return {"n_train": record["n_train"], "n_test": record["n_test"], "dims": record["dims"],
-            "extract_seconds": round(summary.seconds, 1), "fit_seconds": record["fit_seconds"],
-            "train_accuracy": record["metrics"]["train_accuracy"],
-            "test_accuracy": record["metrics"]["test_accuracy"], "run_id": record["run_id"]}
+            "extract_seconds": round(summary["seconds"], 1), "fit_seconds": record["fit_seconds"],
+            "train_accuracy": record["train_accuracy"], "test_accuracy": record["test_accuracy"],
+            "run_id": record["run_id"]}
 
 
 def main(argv=None) -> int:
@@ -77,6 +85,8 @@ def main(argv=None) -> int:
         result = run(args)
     except FeatureCacheError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is None:  # the failing command printed its own one-line error
         return 2
     if args.json:
         print(json.dumps(result, indent=1))

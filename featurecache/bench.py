@@ -1,0 +1,187 @@
+"""What the scripts in scripts/ need beyond :mod:`featurecache.api`: benchmark and reproduction helpers.
+
+Scripts import only ``featurecache.api``, ``featurecache.heads``, ``featurecache.errors`` and this
+module (tests/test_scripts.py holds them to it), so that a change inside the package breaks a test
+here rather than a benchmark nobody ran. Everything below is built on the package's public
+functions; each is exercised by tests/test_scripts.py.
+
+    write_section(path, heading, body)      replace one `## heading` section of a Markdown file
+    run_cli(args, env)                      a `featurecache` command in a child: seconds, peak RSS, stdout
+    write_digit_images(root, per_class)     real digit PNGs in class subfolders (a folder dataset)
+    noise_pngs(n, size)                     random-noise PNG bytes (images never in any cache)
+    decode_file(path), check_file(path)     the full decode extraction does, and the cheaper up-front
+                                            check of `extract --on-error fail`
+    tap_shapes(model, size, cache_dir)      {tap: map shape}, in network order
+    set_state(cache_dir, set_id)            what a feature set holds on disk: ids, rows in parts, problems
+    set_vectors(cache_dir, set_id, ids)     stored vectors of `ids`, in that order
+    evaluate, write_atomic, confusion_png, scatter_png, lines_png, plot_by_layer, recommend
+                                            the metrics, atomic writes and plots that `fit`, `report`
+                                            and `sweep` use, for tables the CLI does not make
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .plots import confusion_png, lines_png, scatter_png
+from .runs import evaluate
+from .store import write_atomic
+from .sweep import plot as plot_by_layer
+from .sweep import recommend
+
+__all__ = ["CliRun", "SetState", "check_file", "confusion_png", "decode_file", "evaluate", "lines_png", "noise_pngs", "plot_by_layer", "recommend", "run_cli",
+           "scatter_png", "set_state", "set_vectors", "tap_shapes", "write_atomic", "write_digit_images",
+           "write_section"]
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Replace the ``## heading`` section of the Markdown file ``path`` (or add it), leaving the others alone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    section = f"## {heading}\n\n_Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}._\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+@dataclass(frozen=True)
+class CliRun:
+    seconds: float  # wall clock, process start to exit
+    peak_rss: int  # bytes: the child's own ru_maxrss (on Linux it includes pages shared with the parent at fork)
+    stdout: str
+    returncode: int
+
+
+def run_cli(args: list[str], env: dict | None = None, check: bool = True) -> CliRun:
+    """Run ``featurecache ARGS`` in a child process, as a user would, and measure it.
+
+    ``env`` replaces the environment (e.g. to set FEATURECACHE_DIR); stderr passes through. With
+    ``check`` a failure exits this script with one line naming the command.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would report the largest child so far.
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if check and proc.returncode:
+        sys.exit(f"featurecache {shlex.join(map(str, args))} failed ({proc.returncode})")
+    return CliRun(seconds, usage.ru_maxrss * 1024, out, proc.returncode)
+
+
+def write_digit_images(root: Path, per_class: int, classes=(0, 1, 2), offset: int = 0) -> list[Path]:
+    """scikit-learn's 8x8 digits as PNG files in class subfolders ``digit<c>/``: a small real folder dataset."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    paths = []
+    for c in classes:
+        (Path(root) / f"digit{c}").mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(d.target == c)[offset:offset + per_class]:
+            p = Path(root) / f"digit{c}" / f"{i}.png"
+            Image.fromarray(np.rint(d.images[i] * 255 / 16).astype(np.uint8)).save(p)
+            paths.append(p)
+    return paths
+
+
+def noise_pngs(n: int, size: int, seed: int = 0) -> list[bytes]:
+    """``n`` random-noise RGB PNGs of ``size`` x ``size``, encoded: images no cache has seen."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_file(path: Path) -> np.ndarray:
+    """An image file as extraction decodes it: RGB uint8 at its own size (FeatureCacheError if unreadable)."""
+    from .images import load_file
+
+    return load_file(Path(path))
+
+
+def check_file(path: Path) -> None:
+    """The up-front check `extract --on-error fail` runs on files still to compute (FeatureCacheError if bad)."""
+    from .images import check_file as check
+
+    check(Path(path))
+
+
+def tap_shapes(model: str, size: int, cache_dir: Path | None = None) -> dict[str, tuple[int, ...]]:
+    """``{tap: output shape}`` of ``model`` at ``size`` px, in network order (what `featurecache layers` lists)."""
+    from .backbones import get_backbone
+    from .taps import catalogue
+
+    return {t.name: tuple(t.shape) for t in catalogue(get_backbone(model), size, cache_dir)}
+
+
+@dataclass(frozen=True)
+class SetState:
+    """A feature set as stored: what a reader sees after any crash."""
+    ids: frozenset  # distinct image ids stored
+    rows: int  # rows over all visible parts: more than len(ids) means a row is stored twice
+    temp_files: int  # unfinished part writes (invisible to readers)
+    problems: tuple[str, ...]  # what `featurecache cache verify` would report about its structure
+
+
+def set_state(cache_dir: Path, set_id: str) -> SetState | None:
+    """The set's state (None if it does not exist yet). Gathers every stored row, so it also proves
+    that every visible part opens and reads."""
+    from .store import FeatureStore
+    from .verify import check_structure
+
+    fs = FeatureStore(Path(cache_dir)).get(set_id)
+    if fs is None:
+        return None
+    ids = list(fs.index())
+    fs.gather(ids)
+    rows = sum(len(fs.part_ids(p)) for p in fs.part_files())
+    problems, _ = check_structure(fs)
+    return SetState(frozenset(ids), rows, len(fs.temp_files()), tuple(p.text for p in problems))
+
+
+def set_vectors(cache_dir: Path, set_id: str, ids: list[str]) -> np.ndarray:
+    """The stored vectors of ``ids`` (rows in that order) from feature set ``set_id``."""
+    from .errors import FeatureCacheError
+    from .store import FeatureStore
+
+    fs = FeatureStore(Path(cache_dir)).get(set_id)
+    if fs is None:
+        raise FeatureCacheError(f"no feature set {set_id} in {cache_dir}")
+    return fs.gather(list(ids))
+
+
+def encoder(spec, cache_dir: Path, engine: str = "auto"):
+    """The encoder (images -> {tap: vectors}) for a FeatureSpec with its size and taps given, on `engine`:
+    what extraction, predict and the server run images through. ``.prepare(items).pixels`` decodes a batch,
+    ``.encode_pixels(pixels)`` runs the network and pooling, ``.engine`` names the engine that ran."""
+    from .encoder import EncoderDescription
+
+    return EncoderDescription(spec, str(cache_dir), engine).build()
+
+
+def run_encoder(run_id: str, cache_dir: Path, engine: str = "auto"):
+    """The encoder of a fitted run's features (its model, tap, size and options), as `serve` builds it."""
+    from .predict import run_spec
+    from .runs import load_record
+
+    return encoder(run_spec(load_record(Path(cache_dir), run_id)), cache_dir, engine)
