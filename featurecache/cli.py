@@ -472,10 +472,19 @@ def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id 
 
 # ---- serving --------------------------------------------------------------------------------------
 @app.command()
-def serve(run: Annotated[str, typer.Option("--run", help="Run id printed by `featurecache fit`.")],
-          host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the "
-                                                           "network.")] = "127.0.0.1",
+def serve(run: Annotated[Optional[list[str]], typer.Option(
+              "--run", help="Run id printed by `featurecache fit`; repeat to serve several (the first is the "
+                            "default, `?run=ID` picks another).")] = None,
+          all_runs: Annotated[bool, typer.Option("--all-runs", help="Serve every run in the cache, newest "
+                                                                    "first.")] = False,
+          host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback (0.0.0.0 "
+                                                           "exposes it to the network) needs --token.")] = "127.0.0.1",
           port: Annotated[int, typer.Option("--port")] = 8000,
+          token: Annotated[Optional[str], typer.Option(
+              "--token", envvar="FEATURECACHE_TOKEN", show_default=False,
+              help="Clients must send `Authorization: Bearer TOKEN` (all but /health and the page).")] = None,
+          no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve off loopback without a token "
+                                                                  "(anyone who reaches the port may use it).")] = False,
           workers: Annotated[int, typer.Option("--workers", help="Processes, each with its own model "
                                                                  "(1 batches best on few cores).")] = 1,
           max_batch: Annotated[int, typer.Option("--max-batch", help="Images per forward pass.")] = 32,
@@ -484,12 +493,18 @@ def serve(run: Annotated[str, typer.Option("--run", help="Run id printed by `fea
           max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Request size limit.")] = 20.0,
           max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest image, in pixels.")] = 4096 * 4096,
           cache_dir: CacheDir = None, engine: Engine = None):
-    """Serve a fitted run over HTTP: POST /predict, GET /health, GET /info (OpenAPI at /docs)."""
+    """Serve fitted runs over HTTP: a page at /, POST /predict and /embed, GET /health, /info, /runs, /sets
+    (OpenAPI at /docs)."""
+    from .auth import token_for
     from .serve import ServeOptions, serve as run_server
 
-    opts = ServeOptions(run, str(_cache(cache_dir)), max_batch, max_wait_ms, int(max_body_mb * (1 << 20)),
-                        max_pixels, engine or default_engine())
-    run_server(opts, host, port, workers)
+    token = token_for(host, token, no_auth, log=_log)  # refuses an exposed, open server before loading
+    if bool(run) == all_runs:
+        raise FeatureCacheError("give --run ID (repeatable) or --all-runs" if not run else
+                                "--run and --all-runs contradict each other; give one of them")
+    opts = ServeOptions(run[0] if run else "", str(_cache(cache_dir)), max_batch, max_wait_ms,
+                        int(max_body_mb * (1 << 20)), max_pixels, engine or default_engine())
+    run_server(opts, host, port, workers, runs=run, all_runs=all_runs, token=token)
 
 
 def main() -> None:

@@ -1,9 +1,17 @@
-"""Serving: a fitted run behind HTTP (FastAPI + uvicorn).
+"""Serving: fitted runs behind HTTP (FastAPI + uvicorn).
 
-    POST /predict[?top=K]   multipart field `files` (repeatable), or JSON {"images": [{"name", "data"}]}
-    GET  /health            {"status": "ok", "run": ...} once the model is loaded
-    GET  /info              backbone, weights, layer, pooling, size, head, classes, feature set, metrics
+    POST /predict[?top=K&run=ID]  multipart field `files` (repeatable), or JSON {"images": [{"name", "data"}]}
+    POST /embed[?run=ID|set=ID]   the same bodies -> vectors, JSON or numpy (featurecache/web.py)
+    GET  /                  a page: the run, and labels for images dropped on it (featurecache/static/)
+    GET  /health            {"status": "ok", "run": ...} once the models are loaded (no run id under a token)
+    GET  /info[?run=ID]     backbone, weights, layer, pooling, size, head, classes, feature set, metrics
+    GET  /runs, /sets       the served runs; the cache's feature sets
     GET  /docs, /openapi.json
+
+Several runs (`--run A --run B`, `--all-runs`): the first is the default, `?run=ID` picks another
+(404 naming the served ones); runs on one feature set share its encoder and stored vectors
+(featurecache/fleet.py). With a token (featurecache/auth.py, required off loopback) every path but
+/health, / and /static/ needs `Authorization: Bearer T`.
 
 Design:
 - One process holds the backbone and head, loaded once. Forward passes run in one worker thread (the
@@ -45,7 +53,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .auth import TokenAuth
 from .errors import FeatureCacheError
+from .fleet import Fleet, NotServed, all_run_ids
 from .service import Prepared, ServeOptions, Service, StoredVectors, _log  # noqa: F401  (the HTTP-free part)
 
 MAX_IMAGES = 256  # per request; bounds the work one request can queue
@@ -237,45 +247,72 @@ class Error(BaseModel):
     error: str
 
 
-def create_app(service: Service) -> FastAPI:
-    batcher = Batcher(service.label_batch, service.opts.max_batch, service.opts.max_wait_ms / 1000)
+def create_app(fleet: Fleet, token: str | None = None) -> FastAPI:
+    """The app for `fleet`'s runs; `token`: the bearer token every request but the open ones needs."""
+    opts = fleet.opts
+    batchers = {set_id: Batcher(fleet.batch_fn(set_id), opts.max_batch, opts.max_wait_ms / 1000)
+                for set_id in fleet.sets}  # one forward queue per feature set, shared by its runs
+
+    async def submit(set_id: str, items: list) -> list:
+        return await batchers[set_id].submit(items) if items else []
+
+    def served(run_id: str | None) -> Service:
+        try:
+            return fleet.run(run_id)
+        except NotServed as e:
+            raise HTTPException(404, str(e)) from None
 
     @asynccontextmanager
     async def lifespan(_app):
-        batcher.start()
+        for b in batchers.values():
+            b.start()
         yield
-        await batcher.stop()
+        for b in batchers.values():
+            await b.stop()
 
+    first = fleet.run(None)
     app = FastAPI(title="featurecache", version="0.1.0", lifespan=lifespan,
-                  description=f"Predictions of run {service.opts.run_id}: {service.record['features']} "
-                              f"+ {service.record['head']}.")
-    app.add_middleware(BodyLimit, max_body=service.opts.max_body)
+                  description=f"Predictions of run {first.opts.run_id}: {first.record['features']} "
+                              f"+ {first.record['head']}" + (f", and {len(fleet.runs) - 1} more runs (`GET /runs`)."
+                                                             if len(fleet.runs) > 1 else "."))
+    app.add_middleware(BodyLimit, max_body=opts.max_body)
+    if token is not None:
+        app.add_middleware(TokenAuth, token=token)  # added last, so it runs first: before any body is read
     _error_handlers(app)
-    errors = {code: {"model": Error} for code in (400, 413, 415, 422)}
+    errors = {code: {"model": Error} for code in (400, 401, 404, 413, 415, 422)}
+    body = {"required": True, "content": {"multipart/form-data": {"schema": _FORM_BODY},
+                                          "application/json": {"schema": _JSON_BODY}}}
+    run_query = Query(None, description="A served run (`GET /runs`); default: the first one")
 
     @app.post("/predict", response_model=None, responses={200: {"model": Predictions}, **errors},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "multipart/form-data": {"schema": _FORM_BODY}, "application/json": {"schema": _JSON_BODY}}}})
-    async def predict(request: Request, top: int = Query(1, ge=1, le=1000, description="Also list the K best")):
+              openapi_extra={"requestBody": body})
+    async def predict(request: Request, top: int = Query(1, ge=1, le=1000, description="Also list the K best"),
+                      run: str | None = run_query):
         """Label one or several images: label, score (probability or decision), top-k and content hash."""
+        service = served(run)
         named = await read_images(request)
         try:
             p = await run_in_threadpool(service.prepare, named, top)
         except FeatureCacheError as e:
             raise HTTPException(422, str(e)) from None
         misses = sorted(p.pixels)
-        p.rows.update(zip(misses, await batcher.submit([(p.names[k], p.pixels[k], top) for k in misses])))
+        p.rows.update(zip(misses, await submit(service.stored.set_id,
+                                               [(service, p.names[k], p.pixels[k], top) for k in misses])))
         rows = [dict(p.rows[k], hash=p.ids[k], cached=k not in p.pixels) for k in range(len(p.ids))]
         return JSONResponse({"run": service.opts.run_id, "predictions": rows})
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "run": service.opts.run_id}
+        # Open even under a token (load balancers ask it), so then it says only that the server is up.
+        return {"status": "ok"} if token is not None else {"status": "ok", "run": fleet.default}
 
-    @app.get("/info")
-    async def info():
-        return service.info()
+    @app.get("/info", responses={404: {"model": Error}})
+    async def info(run: str | None = run_query):
+        return served(run).info()
 
+    from .web import add_routes
+
+    add_routes(app, fleet, submit, read_images, errors, body)
     return app
 
 
@@ -303,22 +340,35 @@ def _error_handlers(app: FastAPI) -> None:
 # ---- entry points ---------------------------------------------------------------------------------
 def app_from_env():
     """uvicorn's factory in each --workers process: options come through the environment."""
-    return create_app(Service(ServeOptions(**json.loads(os.environ[_ENV]))))
+    given = json.loads(os.environ[_ENV])
+    fleet = Fleet(ServeOptions(**given["opts"]), given["runs"], skip_broken=given["all_runs"])
+    return create_app(fleet, given["token"])
 
 
-def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          runs: list[str] | None = None, all_runs: bool = False, token: str | None = None) -> None:
+    """Serve `runs` (default: opts.run_id; `all_runs`: every run in the cache, newest first);
+    `token`: required from clients (featurecache.auth.token_for decides whether one must be given)."""
     import uvicorn
 
     if workers < 1:
         raise FeatureCacheError(f"--workers {workers}: must be at least 1")
-    _log(f"loading run {opts.run_id}, then serving it on http://{host}:{port} (OpenAPI at /docs); Ctrl-C stops")
+    runs = all_run_ids(Path(opts.cache_dir)) if all_runs else list(runs or [opts.run_id])
+    opts = dataclasses.replace(opts, run_id=runs[0])
+    what = f"run {runs[0]}" if len(runs) == 1 else f"{len(runs)} runs ({runs[0]} by default)"
+    _log(f"loading {what}, then serving on http://{host}:{port} (the page at /, OpenAPI at /docs"
+         f"{', token required' if token else ''}); Ctrl-C stops")
     if workers == 1:
-        uvicorn.run(create_app(Service(opts)), host=host, port=port, access_log=False)
+        uvicorn.run(create_app(Fleet(opts, runs, skip_broken=all_runs), token), host=host, port=port,
+                    access_log=False)
         return
     from .runs import load_head
 
     opts.check()
-    load_head(Path(opts.cache_dir), opts.run_id)  # a bad run fails here with one line, not in N workers
-    os.environ[_ENV] = json.dumps(dataclasses.asdict(opts))
+    if not all_runs:
+        for run_id in runs:
+            load_head(Path(opts.cache_dir), run_id)  # a bad run fails here with one line, not in N workers
+    os.environ[_ENV] = json.dumps({"opts": dataclasses.asdict(opts), "runs": runs, "all_runs": all_runs,
+                                   "token": token})
     uvicorn.run("featurecache.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
                 access_log=False)

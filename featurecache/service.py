@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -100,7 +101,9 @@ class Prepared:
 class Service:
     """A run's backbone, head and feature set, loaded once."""
 
-    def __init__(self, opts: ServeOptions):
+    def __init__(self, opts: ServeOptions, share: Iterable[Service] = ()):
+        """`share`: services already loaded; one on this run's feature set lends it its encoder and
+        stored vectors (runs that differ only in their heads build the network and read the set once)."""
         from .encoder import Encoder
         from .engines import choose
         from .runs import load_head
@@ -112,6 +115,12 @@ class Service:
         self.record, self.pipeline = load_head(cache, opts.run_id)
         self.layer = self.record["layer"]
         self.res = resolve(run_spec(self.record), None, cache)
+        same = [s for s in share if s.stored.set_id == self.res.set_ids[self.layer]]
+        if same:
+            self.encoder, self.engine, self.stored = same[0].encoder, same[0].engine, same[0].stored
+            _log(f"run {opts.run_id}: {self.record['head']} head on the encoder and feature set {self.stored.set_id} "
+                 f"of run {same[0].opts.run_id} (loaded once)")
+            return
         choose(opts.engine, self.res.precision)  # a bad --engine fails before the model is built
         t0 = time.perf_counter()
         self.encoder = Encoder(self.res, cache, opts.engine, "fail", [self.layer], max_pixels=opts.max_pixels,
