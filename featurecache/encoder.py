@@ -122,8 +122,10 @@ class Encoder:
     # ---- description -------------------------------------------------------------------------------
     @property
     def description(self) -> EncoderDescription:
-        spec = self.res.spec or FeatureSpec(self.res.backbone.name)
-        return EncoderDescription(replace(spec, layers=self.taps, size=self.res.size), str(self.cache_dir),
+        if self.res.spec is None:  # a Resolved made by hand, not by settings.resolve
+            raise FeatureCacheError("this encoder's settings were not resolved by featurecache.settings.resolve; "
+                                    "it cannot be described")
+        return EncoderDescription(replace(self.res.spec, layers=self.taps, size=self.res.size), str(self.cache_dir),
                                   self.option, self.on_error, self.max_pixels)
 
     @property

@@ -1,4 +1,7 @@
-"""Prediction: image files -> (cached or fresh) features -> a saved run's head -> labels and scores."""
+"""Prediction: image files -> (cached or fresh) features -> a saved run's head -> labels and scores.
+
+New files go through `extract` (hence the run's encoder) and are stored, so predicting them again, or
+serving them, is a cache hit."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import numpy as np
 
 from .datasets import FileImages
 from .errors import FeatureCacheError
-from .extract import FeatureSpec, extract
+from .extract import run_extract
 from .runs import load_head
+from .settings import FeatureSpec, RunSettings
 from .store import FeatureStore
 
 
@@ -26,8 +30,7 @@ def features_for_files(paths: list[Path], record: dict, cache_dir: Path, batch_s
         if not Path(p).is_file():
             raise FeatureCacheError(f"{p}: no such file")
     files = FileImages([Path(p) for p in paths])
-    res, _ = extract([files], run_spec(record), cache_dir, batch_size=batch_size, progress=progress, log=log,
-                     engine=engine)
+    res, _ = run_extract([files], run_spec(record), RunSettings(cache_dir, engine, batch_size, progress, log=log))
     return FeatureStore(cache_dir).get(res.set_ids[record["layer"]]).gather(files.ids)
 
 
