@@ -83,7 +83,7 @@ def _probe_rows(record: dict, cache_dir: Path, dims: int) -> np.ndarray:
 
 
 def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
-    """(ONNX of features -> scores/label/label_name, score kind, largest probe difference)."""
+    """(ONNX of features -> scores/label/label_name, score kind, largest probe difference, head classes)."""
     from . import export_graph as eg
     from .heads import scores
 
@@ -96,6 +96,7 @@ def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
     ref = scores(pipeline, probe.copy())  # the normaliser works in place: keep the probe intact
     raw_name = eg.score_output(skl)
     raw = _run_proto(skl, raw_name, probe).reshape(len(probe), -1)
+    _declare_columns(skl, raw_name, raw.shape[1])
     scale = max(1.0, float(np.abs(ref.values).max()))
     adapter, err = eg.choose_adapter(raw, ref.values, ref.kind, SCORE_TOL * scale)
     if err <= SCORE_TOL * scale:
@@ -111,7 +112,16 @@ def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
                                 f"{', '.join(exportable_heads())}")
     _say(log, f"head: {type(pipeline[-1]).__name__ if hasattr(pipeline, 'steps') else type(pipeline).__name__} "
               f"converted; {ref.kind} scores within {err:.2g} of the pickled head on {len(probe)} probe rows")
-    return head, ref.kind, err
+    return head, ref.kind, err, [int(c) for c in ref.classes]
+
+
+def _declare_columns(proto, name: str, cols: int) -> None:
+    """Declare the columns skl2onnx's score tensor really has: for two-class LinearSVC and Ridge it declares
+    (N, 2) and gives (N, 1), which ONNX Runtime would warn about on every run of the file."""
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name == name and len(dims) == 2:
+            dims[1].dim_value = cols
 
 
 def _run_proto(proto, output: str, x: np.ndarray, input_name: str | None = None) -> np.ndarray:
@@ -200,7 +210,7 @@ def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: st
             int(pipeline.n_features_in_) != int(record["dims"]):
         raise FeatureCacheError(f"--run {run_id}: head takes {pipeline.n_features_in_} features, the run says "
                                 f"{record['dims']}; fit the head again")
-    head, kind, err = head_part(record, pipeline, int(record["dims"]), cache_dir, log)  # fails before TF loads
+    head, kind, err, classes = head_part(record, pipeline, int(record["dims"]), cache_dir, log)  # fails before TF loads
     net, dims = backbone_part(record, cache_dir, log)
     if dims != int(record["dims"]):
         raise FeatureCacheError(f"--run {run_id}: the rebuilt backbone gives {dims} features, the head takes "
@@ -210,9 +220,6 @@ def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: st
     full = eg.merge(net, head, [(eg.FEATURES, "head/" + eg.FEATURES)], outputs=["scores", "label", "label_name"])
     import onnx
 
-    from .heads import scores
-
-    classes = scores(pipeline, np.zeros((1, dims), np.float32)).classes
     full.graph.name = f"featurecache {run_id}"
     full.producer_name, full.producer_version = "featurecache", __version__
     full.doc_string = (f"featurecache run {run_id}: {record.get('features', '')} -> {record['head']}. "
@@ -223,8 +230,11 @@ def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: st
     onnx.checker.check_model(full, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_bytes(full.SerializeToString())
-    os.replace(tmp, out)
+    try:  # never a half-written file under the name asked for
+        tmp.write_bytes(full.SerializeToString())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"path": str(out), "run_id": run_id, "bytes": out.stat().st_size, "input_size": int(record["size"]),
             "features": record.get("features"), "head": record["head"], "score_kind": kind,
             "head_max_difference": err, "seconds": round(time.perf_counter() - t0, 2)}

@@ -213,7 +213,7 @@ def test_every_head_converts(tmp_path, head, k, normalize, pca, options):
         pipe.fit(x.copy(), y)
     names = [f"class {c}" for c in range(k)]
     record = {"run_id": "test", "head": head, "class_names": names, "feature_set": "none"}
-    model, kind, err = export.head_part(record, pipe, 16, tmp_path)
+    model, kind, err, _ = export.head_part(record, pipe, 16, tmp_path)
     path = tmp_path / "head.onnx"
     path.write_bytes(model.SerializeToString())
     new = np.abs(rng.normal(size=(40, 16))).astype(np.float32)
