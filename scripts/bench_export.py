@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featurecache.api import default_engine
+from featurecache.bench import predict_files, version, write_digit_images, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import write_digit_folder  # noqa: E402
-from docs_section import write_section  # noqa: E402
 
 PLAIN_ORT = r"""
 import json, sys, time
@@ -139,7 +138,7 @@ def main():
         run_id = args.run
     else:
         data = work / "digits"
-        write_digit_folder(data, args.per_class, classes=range(10))
+        write_digit_images(data, args.per_class, classes=range(10))
         fit = ["fit", "--data", str(data), "--model", args.model, "--weights", args.weights, "--pool", args.pool,
                "--size", str(args.size), "--head", args.head, "--extract", "--json", "--quiet"]
         if args.layer:
@@ -153,13 +152,10 @@ def main():
 
     # Distinct new images for every measurement: a second look at an image would be a cache hit.
     # The file and `featurecache predict` take turns, --reps times, so both see the same load on a shared machine.
-    from featurecache.api import default_engine
-    from featurecache.predict import predict_files
-
     engine = default_engine()
     batch_imgs = noise_pngs(work / "batch", args.images, size, seed=1)
     t0 = time.perf_counter()
-    predict_files(noise_pngs(work / "warm", 1, size, seed=2), run_id, cache, engine=engine, log=lambda m: None)
+    predict_files(noise_pngs(work / "warm", 1, size, seed=2), run_id, cache, engine=engine)
     first_s = time.perf_counter() - t0
     ort_runs, lat, fc_batch, rows = [], [], [], None
     per_rep = max(1, args.single // args.reps)
@@ -173,11 +169,11 @@ def main():
         ort_runs.append(json.loads(proc.stdout))
         for p in noise_pngs(work / f"single-fc-{rep}", per_rep, size, seed=200 + rep):
             t0 = time.perf_counter()
-            predict_files([p], run_id, cache, engine=engine, log=lambda m: None)
+            predict_files([p], run_id, cache, engine=engine)
             lat.append(time.perf_counter() - t0)
         imgs = batch_imgs if rep == 0 else noise_pngs(work / f"batch-{rep}", args.images, size, seed=300 + rep)
         t0 = time.perf_counter()
-        out = predict_files(imgs, run_id, cache, engine=engine, log=lambda m: None)
+        out = predict_files(imgs, run_id, cache, engine=engine)
         fc_batch.append(time.perf_counter() - t0)
         rows = rows or out
         print(f"rep {rep + 1}: file {args.images / ort_runs[-1]['batch_s']:.1f} images/s, "
@@ -192,8 +188,6 @@ def main():
     _, cli_one_s = cli(["predict", str(one[0]), "--run", run_id], env)
     _, cli_many_s = cli(["predict", *map(str, many), "--run", run_id], env)
     load1 = os.getloadavg()
-
-    from featurecache import versions
 
     n = args.images
     ort_ips = sorted(n / r["batch_s"] for r in ort_runs)
@@ -217,8 +211,8 @@ def main():
 CPU: {cpu_model()}, {os.cpu_count()} cores shared with other work (load average {load0[0]:.2f} before,
 {load1[0]:.2f} after). Run {run_id}: {record['features']} -> {record['head']}; exported file
 {model.stat().st_size / 1e6:.1f} MB, written in {export_s:.1f} s (`featurecache export`, TensorFlow start-up included).
-onnxruntime {versions.version('onnxruntime')}, tensorflow {versions.version('tensorflow')},
-skl2onnx {versions.version('skl2onnx')}; ONNX Runtime at its default thread count in both columns.
+onnxruntime {version('onnxruntime')}, tensorflow {version('tensorflow')},
+skl2onnx {version('skl2onnx')}; the file runs with ONNX Runtime's default session options (as a user's program would), `featurecache predict` with its engine's own settings.
 
 Every image is a new random-noise PNG at {size}x{size} (never in the cache: `featurecache predict` runs the
 network for each). Single image: {args.single} calls after a warm-up, each decoding one PNG and returning its
