@@ -16,8 +16,9 @@ import typer
 from .api import DataOptions, default_cache_dir, default_engine, extract_dataset
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
-from .options import (DATA, FEATURES, RUN, SWEEP_FEATURES, BatchSize, CacheDir, DataDir, Engine, Json, MaxTest,
-                      MaxTrain, Model, Normalize, Quiet, RunOptions, Seed, Size, TestSize, takes)
+from .options import (DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, RUN, SWEEP_FEATURES, BatchSize, CacheDir, DataDir,
+                      Engine, Json, MaxTest, MaxTrain, Model, Normalize, Quiet, RunOptions, Seed, Size, TestSize,
+                      takes)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top. Defaults for "
@@ -89,12 +90,13 @@ def layers(model: Model, size: Size = None, cache_dir: CacheDir = None, as_json:
 
 # ---- extraction -------------------------------------------------------------------------------------
 @app.command("extract")
-@takes(data=DATA, spec=FEATURES, run=RUN)
+@takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
 def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Json = False):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
     ds = data.load()
     _, summary = extract_dataset(ds, spec, run.cache_dir, run.batch_size, progress=run.progress, log=_log,
-                                 on_error=run.on_error, engine=run.engine)
+                                 on_error=run.on_error, engine=run.engine, executor=run.executor,
+                                 cluster=run.cluster)
     out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(run.cache_dir))
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
              f"{spec.model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
@@ -110,23 +112,24 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: 
 
 
 @app.command("plan")
-@takes(data=DATA, spec=FEATURES, run=RUN)
+@takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
 def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Json = False):
     """Before extracting: images to compute after the cache, expected time (short measured warm-up), disk size."""
     from .plan import describe, plan
 
     ds = data.load()
-    out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=_log)
+    out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=_log, executor=run.executor,
+               cluster=run.cluster)
     _emit(dict(out, dataset=ds.name), as_json, describe(out))
 
 
 # ---- heads ------------------------------------------------------------------------------------------
 @app.command()
-@takes(data=DATA, spec=FEATURES, run=RUN)
+@takes(data=DATA, spec=FIT_FEATURES, run=RUN)
 def fit(data: DataOptions, spec: FeatureSpec, run: RunOptions,
         head: Annotated[str, typer.Option("--head", help="linsvc | svc | logreg | mlp | ridge | sgd | knn | "
                                                          "rf.")] = "linsvc",
-        normalize: Normalize = "l2",
+        normalize: Normalize = "auto",
         pca: Annotated[Optional[int], typer.Option("--pca", min=1, help="Reduce to N dimensions first.")] = None,
         C: Annotated[Optional[float], typer.Option("--C", help="Inverse regularisation (linsvc, svc, logreg, ...).")] = None,
         kernel: Annotated[Optional[str], typer.Option("--kernel", help="svc kernel: rbf | linear | poly.")] = None,

@@ -25,7 +25,8 @@ PREPROCESSES = ("auto", "scale01")
 ENGINES = ("auto", "tensorflow", "onnxruntime", "openvino")
 PRECISIONS = ("float32", "int8")
 ON_ERRORS = ("fail", "skip")
-NORMALIZES = ("l2", "standard", "none")
+NORMALIZES = ("auto", "l2", "l2-per-tap", "standard", "none")
+EXECUTORS = ("local", "ray")
 
 Data = Annotated[str, typer.Option("--data", help="Folder of class subfolders (or train/ and test/), an .npz, "
                                                   "or digits | fashion-mnist | mnist | cifar10.")]
@@ -61,8 +62,30 @@ OnError = Annotated[Literal["fail", "skip"], typer.Option(
                        "them out, list them).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
-Normalize = Annotated[Literal["l2", "standard", "none"], typer.Option("--normalize", help="Row scaling before the "
-                                                                                         "head.")]
+Executor = Annotated[Literal["local", "ray"], typer.Option(
+    "--executor", help="Where images are encoded: local (this process) | ray (a Ray cluster: --ray-address, or "
+                       "a local one for the run); same vectors, same cache.")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="--executor ray: the cluster to join (HOST:PORT, ray://HOST:PORT or auto) "
+                          "[default: $RAY_ADDRESS, else a local Ray started and stopped for the run].")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="--executor ray: encoder actors "
+                                                                        "[default: fill the cluster].")]
+ThreadsPerWorker = Annotated[int, typer.Option("--threads-per-worker", min=1, help="--executor ray: CPUs (and "
+                                                                                  "engine threads) per actor.")]
+Normalize = Annotated[Literal["auto", "l2", "l2-per-tap", "standard", "none"], typer.Option(
+    "--normalize", help="Row scaling before the head; auto: l2 for one tap, l2-per-tap (each tap to unit norm, "
+                        "then the row) for several.")]
+
+
+def _fit_pool(value: str) -> str:
+    from .views import check
+
+    return check(value)
+
+
+FitPool = Annotated[str, typer.Option("--pool", callback=_fit_pool, help=(
+    "flatten | avg | max (stored), or a view of a stored flattened map made at fit time, without the "
+    "network: max2x2 | avg2x2 | gridN (adaptive max pooling to N x N)."))]
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,17 @@ class RunOptions:
     batch_size: int = 64
     progress: bool = True
     on_error: str = "fail"
+    executor: str = "local"  # where batches are encoded: local | ray (featurecache/cluster.py)
+    ray_address: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+
+    @property
+    def cluster(self):
+        """The `--executor ray` settings as featurecache.cluster.ClusterSettings."""
+        from .cluster import ClusterSettings
+
+        return ClusterSettings(self.ray_address, self.workers, self.threads_per_worker)
 
 
 def _run(v: dict) -> RunOptions:
@@ -100,7 +134,9 @@ def _run(v: dict) -> RunOptions:
 
     return RunOptions(Path(v["cache_dir"]) if v.get("cache_dir") else default_cache_dir(),
                       v.get("engine") or default_engine(), v.get("batch_size", 64),
-                      not v.get("quiet", False) and not v.get("as_json", False), v.get("on_error", "fail"))
+                      not v.get("quiet", False) and not v.get("as_json", False), v.get("on_error", "fail"),
+                      v.get("executor", "local"), v.get("ray_address"), v.get("workers"),
+                      v.get("threads_per_worker", 1))
 
 
 REQUIRED = inspect.Parameter.empty
@@ -110,10 +146,15 @@ FEATURES = Group({"model": (Model, "vgg16"), "weights": (Weights, "imagenet"), "
                   "pool": (Pool, "flatten"), "size": (Size, None), "resize": (Resize, "nearest"),
                   "preprocess": (Preprocess, "auto"), "seed": (Seed, 0), "precision": (Precision, "float32")},
                  _features)
+# fit may also pool at fit time: views of a stored flattened map (featurecache/views.py).
+FIT_FEATURES = Group({**FEATURES.fields, "pool": (FitPool, "flatten")}, _features)
 # sweep names its own taps (--layers) and sizes (--sizes): the same feature options less those two.
 SWEEP_FEATURES = Group({k: v for k, v in FEATURES.fields.items() if k not in ("layer", "size")}, _features)
 RUN = Group({"cache_dir": (CacheDir, None), "engine": (Engine, None), "batch_size": (BatchSize, 64),
              "on_error": (OnError, "fail"), "quiet": (Quiet, False)}, _run)
+# extract and plan also choose where the network runs; fit --extract and sweep run it here.
+EXTRACT_RUN = Group({**RUN.fields, "executor": (Executor, "local"), "ray_address": (RayAddress, None),
+                     "workers": (Workers, None), "threads_per_worker": (ThreadsPerWorker, 1)}, _run)
 
 
 def takes(**groups: Group):

@@ -27,6 +27,7 @@ NATIVE_LOG = re.compile(
     rb"|To enable the following instructions: .*rebuild TensorFlow"
     rb"|oneDNN custom operations are on"
     rb"|(?:WARNING|INFO):absl:"                                             # absl's Python logger
+    rb"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEFD] \d+ \d+\] [\w.\-/]+:\d+:"    # Ray's core (--executor ray)
     rb")")
 # Environment read by the libraries at import time: quiet what can be quieted at the source.
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR", "GLOG_minloglevel": "2"}

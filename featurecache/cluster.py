@@ -1,0 +1,382 @@
+"""Extraction on a Ray cluster (`--executor ray`): the forward passes spread over many machines, the
+store still written by the driver alone.
+
+    driver node                               any node                      driver
+    read tasks: files -> bytes,   ------>     encoder actors (one Encoder   ------>  iter_batches ->
+    arrays -> raw pixels                      each, built once): vectors            FeatureStore.append
+
+The pending images become a Ray Dataset whose read tasks run on the driver's node (a datasource
+without distributed reads, which Ray pins there), so workers need no shared disk: they receive file
+contents or raw pixels, never a path or the cache folder. A pool of actors (`map_batches` with a callable class),
+each holding one `Encoder` built from an `EncoderDescription`, turns batches into vectors; the
+converted graph the driver made (ONNX, OpenVINO IR, int8 IR) is shipped to the actors once through
+the object store, so no worker converts or calibrates anything. Ray Data's streaming executor
+bounds what is in flight (backpressure), so the driver's memory does not grow with the images.
+
+Faults are Ray's to absorb: actors restart and their batches are retried (`max_restarts`,
+`max_task_retries`); a batch delivered twice is dropped by key here, so nothing is stored twice.
+The driver appends vectors as they arrive, so a killed driver loses at most the part being filled
+and the rerun computes only what is missing. The executor changes nothing in a key: a set made on
+Ray is a cache hit locally and the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .encoder import Encoded, Encoder
+from .errors import FeatureCacheError
+
+EXECUTORS = ("local", "ray")
+INSTALL = 'pip install "featurecache[ray]"'
+PROBE_SECONDS = 5.0  # how long an address may take to answer before we say it does not
+READ_CHUNK = 256  # images per read task: one block; bounds the bytes a read holds at once
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where `--executor ray` runs and how wide; none of these changes a vector or a key."""
+    address: str | None = None  # None: a local Ray for this run; "auto"; "host:port"; "ray://host:port"
+    workers: int | None = None  # encoder actors; None: fill the cluster (its CPUs // threads_per_worker)
+    threads_per_worker: int = 1  # CPUs each actor reserves, and the threads its engine runs
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise FeatureCacheError(f"--workers {self.workers}: must be at least 1")
+        if self.threads_per_worker < 1:
+            raise FeatureCacheError(f"--threads-per-worker {self.threads_per_worker}: must be at least 1")
+
+
+def require_ray():
+    """The `ray` module with Ray Data, or one line naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise FeatureCacheError(f"--executor ray needs Ray, which is not installed; run `{INSTALL}`") from None
+    return ray
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of an address we can probe; None for `auto` (Ray finds the cluster itself)."""
+    if address == "auto":
+        return None
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FeatureCacheError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def probe(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """Fail in one line, within `timeout`, when nothing listens at `address` (ray.init would retry
+    for a minute or more before saying so)."""
+    where = _host_port(address)
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise FeatureCacheError(f"--ray-address {address}: nothing answers at {where[0]}:{where[1]} ({why}); "
+                                "start the head with `ray start --head` there, or check the address") from None
+
+
+def check(cluster: ClusterSettings) -> None:
+    """Everything that can fail before any work: Ray installed, the address answering."""
+    require_ray()
+    if cluster.address:
+        probe(cluster.address)
+
+
+def _debug() -> bool:
+    from .quiet import debug_requested
+
+    return debug_requested()
+
+
+def _quiet_ray(ray) -> None:
+    """Our quiet-start rule: Ray's progress bars, execution banners and log lines stay off the
+    terminal unless --verbose / FEATURECACHE_DEBUG=1; our own progress bar counts for the cluster."""
+    if _debug():
+        return
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.verbose_stats_logs = False
+
+
+@contextmanager
+def connected(cluster: ClusterSettings, log=None):
+    """Ray, initialised for this run: a local one started (and stopped afterwards) when no address is
+    given, else the cluster at the address joined (and left). A Ray this process had already
+    initialised (a notebook's, a test's) is used as it is and left running."""
+    ray = require_ray()
+    _quiet_ray(ray)
+    if ray.is_initialized():
+        yield ray
+        return
+    debug = _debug()
+    common = dict(log_to_driver=debug, logging_level=logging.INFO if debug else logging.ERROR,
+                  configure_logging=True)
+    if cluster.address:
+        probe(cluster.address)
+        try:
+            ray.init(address=cluster.address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise FeatureCacheError(f"--ray-address {cluster.address}: cannot join the Ray cluster ({first})") from None
+    else:
+        from .engines import threads
+
+        ray.init(num_cpus=threads(), include_dashboard=False, **common)
+        if log and debug:
+            log(f"notice: started a local Ray with {threads()} CPUs for this run")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()  # stops a local Ray; leaves a joined cluster running
+
+
+# ---- what moves: rows of images to the actors, rows of vectors back -----------------------------------
+def _rows(source, indices: list[int], keys: list[str]) -> dict[str, list]:
+    """One read task's block, on the driver's node: each image as its file's bytes (shape "") or its
+    raw uint8 pixels (shape "HxWxC"), never as a path a worker could not open."""
+    from . import images as imagelib
+
+    paths, array = getattr(source, "paths", None), getattr(source, "array", None)
+    data, shapes = [], []
+    for j in indices:
+        if paths is not None:
+            try:
+                data.append(imagelib.read_file(Path(paths[j])))
+            except (OSError, FeatureCacheError):
+                data.append(b"")  # the worker's decode names it, under the run's --on-error
+            shapes.append("")
+        else:
+            pixels = np.ascontiguousarray(array[j] if array is not None else source.load(j), dtype=np.uint8)
+            data.append(pixels.tobytes())
+            shapes.append("x".join(map(str, pixels.shape)))
+    return {"key": keys, "name": [source.name(j) for j in indices], "data": data, "shape": shapes}
+
+
+def _item(data: bytes, shape: str):
+    return np.frombuffer(data, np.uint8).reshape([int(s) for s in shape.split("x")]) if shape else bytes(data)
+
+
+def _datasource(ray, refs: list, chunks: list[tuple[int, list[int], list[str]]]):
+    """A Ray Datasource with one read task per chunk: (source number, indices, keys)."""
+    import pyarrow as pa
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class Images(Datasource):
+        @property
+        def supports_distributed_reads(self) -> bool:
+            return False  # Ray then runs every read task on the driver's node: the files are there
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            def read(k, indices, keys):
+                return [pa.table(_rows(ray.get(refs[k]), indices, keys))]
+
+            return [ReadTask(lambda k=k, idx=idx, keys=keys: read(k, idx, keys),
+                             BlockMetadata(num_rows=len(idx), size_bytes=None, exec_stats=None, input_files=None))
+                    for k, idx, keys in chunks]
+
+    return Images()
+
+
+class EncodeActor:
+    """One encoder per actor process, built once: rows of images in, one row out per row in (its
+    vectors, or the reason it was left out under --on-error skip)."""
+
+    def __init__(self, description, graph_files: dict | None, threads: int):
+        _limit_threads(threads)
+        scratch = Path(tempfile.gettempdir()) / f"featurecache-ray-{os.getuid()}"  # node-local, never shared
+        if graph_files is not None:
+            import ray
+
+            if isinstance(graph_files, ray.ObjectRef):  # Ray Data hands constructor arguments over as they are
+                graph_files = ray.get(graph_files)
+            _unpack(graph_files, scratch)
+        self.encoder: Encoder = replace(description, cache_dir=str(scratch)).build().load()
+        self.taps = self.encoder.taps
+
+    def __call__(self, batch: dict) -> dict:
+        keys, names = [str(k) for k in batch["key"]], [str(n) for n in batch["name"]]
+        items = [_item(d, s) for d, s in zip(batch["data"], batch["shape"])]
+        out: Encoded = self.encoder.encode(items, names, keys)
+        where = {k: r for r, k in enumerate(out.keys)}
+        rows = {"key": np.array(keys), "reason": np.array([out.skipped.get(k, "") for k in keys])}
+        for t, tap in enumerate(self.taps):
+            vec = out.vectors.get(tap)
+            dims = vec.shape[1] if vec is not None else 0
+            full = np.zeros((len(keys), dims), np.float32)
+            if vec is not None:
+                done = [r for r, k in enumerate(keys) if k in where]
+                full[done] = vec[[where[keys[r]] for r in done]]
+            rows[f"v{t}"] = full
+        return rows
+
+
+def _limit_threads(n: int) -> None:
+    """An actor runs its engine on `n` threads (the CPUs it reserved), not on every core of its node:
+    the engines read FEATURECACHE_THREADS (engines.runtimes.threads), TensorFlow's kernels OMP's."""
+    os.environ["FEATURECACHE_THREADS"] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def graph_files(encoder: Encoder) -> dict[str, bytes] | None:
+    """The converted graph the driver's encoder runs ({path under the cache: bytes}), for the actors;
+    None for TensorFlow, which runs the Keras model itself."""
+    if encoder.engine == "tensorflow":
+        return None
+    from .engines.graphs import Graph
+
+    res = encoder.res
+    folder = Graph(res.backbone.name, res.weights.id, res.size, tuple(encoder.taps)).folder(encoder.cache_dir)
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            files[str(path.relative_to(encoder.cache_dir))] = path.read_bytes()
+    return files
+
+
+def _unpack(files: dict[str, bytes], scratch: Path) -> None:
+    """Write the shipped graph under the actor's scratch folder (atomically: actors of one node share it)."""
+    for rel, data in files.items():
+        path = scratch / rel
+        if path.is_file() and path.stat().st_size == len(data):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
+# ---- the driver's side ---------------------------------------------------------------------------------
+def _chunks(src, positions: list[int], size: int) -> list[tuple[int, list[int], list[str]]]:
+    """`positions` of extract.Sources cut into read tasks: (source number, indices in it, image ids)."""
+    out = []
+    for k in range(0, len(positions), size):
+        by_source: dict[int, tuple[list[int], list[str]]] = {}
+        for q in positions[k:k + size]:
+            s, j = src.where[q]
+            idx, keys = by_source.setdefault(s, ([], []))
+            idx.append(j)
+            keys.append(src.ids[q])
+        out += [(s, idx, keys) for s, (idx, keys) in by_source.items()]
+    return out
+
+
+def _workers(ray, cluster: ClusterSettings) -> tuple[int, int]:
+    """(CPUs of the cluster, actors to run): by default as many as its CPUs hold."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return cpus, cluster.workers or max(1, cpus // cluster.threads_per_worker)
+
+
+def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int, cluster: ClusterSettings,
+                   log=None) -> Iterator[Encoded]:
+    """Encode the images at `positions` of `src` (extract.Sources) on Ray; yields `Encoded` batches as
+    they arrive, each image once. The driver's `encoder` is loaded (its graph converted) and shipped."""
+    with connected(cluster, log) as ray:
+        graph = graph_files(encoder)
+        refs = [ray.put(s) for s in src.sources]  # once each; read tasks take what they need
+        _, workers = _workers(ray, cluster)
+        ds = ray.data.read_datasource(_datasource(ray, refs, _chunks(src, positions, READ_CHUNK)), num_cpus=0)  # reading is I/O: no CPU held
+        ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
+                            num_cpus=cluster.threads_per_worker, zero_copy_batch=True,
+                            fn_constructor_args=(encoder.description, ray.put(graph) if graph else None,
+                                                 cluster.threads_per_worker))
+        # Ray Data's actors restart without limit and retry the batches of a dead one (max_restarts=-1,
+        # max_task_retries=-1 are its defaults; passing them again is deprecated). A batch that was
+        # delivered before its actor died and then retried arrives twice: `_unique` drops the copy.
+        seen: set[str] = set()
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                yield _unique(block, encoder.taps, seen)
+        except Exception as e:  # a worker's FeatureCacheError stays one line; anything else says where
+            raise _one_line(e) from None
+
+
+def estimate(encoder: Encoder, src, positions: list[int], batch_size: int, cluster: ClusterSettings,
+             probe: int = 128, log=None) -> dict:
+    """What `encode_batches` would take: one actor on the cluster encodes a warm-up batch, then up to
+    `probe` images timed (shipping included); the rate scales by the actors the cluster's CPUs hold."""
+    t0 = time.perf_counter()  # a local Ray's start counts: the run pays it too
+    with connected(cluster, log) as ray:
+        cpus, workers = _workers(ray, cluster)
+        graph = graph_files(encoder)
+        actor = ray.remote(num_cpus=cluster.threads_per_worker)(EncodeActor).remote(
+            encoder.description, ray.put(graph) if graph else None, cluster.threads_per_worker)
+        skipped = {}
+
+        def encode(chunk: list[int]) -> None:
+            for s, idx, keys in _chunks(src, chunk, len(chunk)):
+                rows = ray.get(actor.__call__.remote(_rows(src.sources[s], idx, keys)))
+                skipped.update((src.sources[s].name(j), str(why)) for j, why in zip(idx, rows["reason"]) if why)
+
+        batch = min(batch_size, len(positions))
+        try:
+            encode(positions[:batch])  # the actor's start (model, engine) and a first pass: not steady state
+            setup = time.perf_counter() - t0
+            timed = positions[batch:batch + max(probe, batch)] or positions[:batch]
+            t1 = time.perf_counter()
+            for k in range(0, len(timed), batch):
+                encode(timed[k:k + batch])
+            per_worker = len(timed) / (time.perf_counter() - t1)
+        except Exception as e:
+            raise _one_line(e) from None
+        finally:
+            ray.kill(actor)
+    rate = per_worker * workers
+    return {"executor": "ray", "engine": encoder.engine, "cluster_cpus": cpus, "workers": workers,
+            "threads_per_worker": cluster.threads_per_worker, "setup_seconds": round(setup, 2),
+            "per_worker_images_per_second": round(per_worker, 1), "measured_images_per_second": round(rate, 1),
+            "measured_images": len(timed), "expected_seconds": round(setup + len(positions) / rate, 1),
+            "skipped": [{"name": n, "reason": r} for n, r in skipped.items()]}
+
+
+def _unique(block: dict, taps, seen: set) -> Encoded:
+    """A block of actor rows as `Encoded`, dropping keys already delivered (a retried batch)."""
+    keys = [str(k) for k in block["key"]]
+    fresh = [r for r, k in enumerate(keys) if k not in seen]
+    seen.update(keys)
+    ok = [r for r in fresh if not block["reason"][r]]
+    skipped = {keys[r]: str(block["reason"][r]) for r in fresh if block["reason"][r]}
+    return Encoded([keys[r] for r in ok], {tap: np.asarray(block[f"v{t}"][ok], np.float32)
+                                           for t, tap in enumerate(taps)}, skipped)
+
+
+def _one_line(error: BaseException) -> FeatureCacheError:
+    """A failure on the cluster as our one line: a worker's FeatureCacheError (an unreadable image
+    under --on-error fail) as it was raised; anything else with its last line."""
+    e, seen = error, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FeatureCacheError):
+            return FeatureCacheError(str(e).strip().splitlines()[0])
+        e = e.__cause__ or e.__context__
+    text = str(error).strip().splitlines()
+    for line in text:  # a worker's error crosses processes as text inside Ray's own
+        if "FeatureCacheError:" in line:
+            return FeatureCacheError(line.split("FeatureCacheError:", 1)[1].strip())
+    return FeatureCacheError(f"the Ray cluster failed: {(text or [type(error).__name__])[-1][:300]}; finished "
+                             "images are stored, rerun the same command to continue")
