@@ -71,15 +71,17 @@ def spec_args(spec: FeatureSpec, layer: str | None = None) -> list[str]:
 
 def extract_dataset(ds: Dataset, spec: FeatureSpec, cache_dir: Path, batch_size: int = 64,
                     progress: bool = True, log=None, on_error: str = "fail",
-                    engine: str | None = None) -> tuple[Resolved, Summary]:
+                    engine: str | None = None, executor: str = "local", cluster=None) -> tuple[Resolved, Summary]:
+    """Store the vectors of both splits of `ds` (see featurecache.extract.run_extract). executor:
+    local | ray, with `cluster` (featurecache.cluster.ClusterSettings) saying where and how wide."""
     return extract([ds.train.images, ds.test.images], spec, cache_dir, ds.native_size(),
                    batch_size=batch_size, progress=progress, log=log, on_error=on_error,
-                   engine=engine or default_engine())
+                   engine=engine or default_engine(), executor=executor, cluster=cluster)
 
 
 def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: DataOptions | None = None,
                      compute: bool = False, batch_size: int = 64, progress: bool = True, log=None,
-                     on_error: str = "fail", engine: str | None = None):
+                     on_error: str = "fail", engine: str | None = None, executor: str = "local", cluster=None):
     """(resolved, X_train, X_test) for the single tap of `spec`, from the cache.
 
     With compute=False a missing feature set is an error that quotes the extract command to run;
@@ -90,7 +92,7 @@ def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: Data
         raise FeatureCacheError("--layer: give one layer to fit on (extract accepts several)")
     spec = calibrated(spec, ds.train.images.ids)
     if compute:
-        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log, on_error, engine)
+        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log, on_error, engine, executor, cluster)
     else:
         res = resolve(spec, ds.native_size(), cache_dir)
     layer = res.layers[0]

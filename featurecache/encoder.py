@@ -18,9 +18,10 @@ zero-argument callable returning one of those (a dataset source's `load`, run on
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -203,6 +204,20 @@ class Encoder:
         """Items -> vectors per tap, with the on-error policy applied."""
         batch = self.prepare(items, names, keys)
         return Encoded(batch.keys, self.run(batch), batch.skipped)
+
+    def stream(self, chunks: Iterable[tuple]) -> Iterator[Encoded]:
+        """Encode chunk after chunk ((items, names, keys) each), decoding the next in a thread while
+        the network runs on this one (Pillow and the engines release the GIL): the local executor.
+        A failure to decode surfaces when its chunk is due, after every chunk before it was yielded."""
+        chunks = iter(chunks)
+        with ThreadPoolExecutor(1) as pool:
+            ahead = next(chunks, None)
+            pending = pool.submit(self.prepare, *ahead) if ahead is not None else None
+            while pending is not None:
+                batch = pending.result()
+                ahead = next(chunks, None)
+                pending = pool.submit(self.prepare, *ahead) if ahead is not None else None
+                yield Encoded(batch.keys, self.run(batch), batch.skipped)
 
     def __call__(self, items) -> dict[str, np.ndarray]:
         return self.encode(items).vectors

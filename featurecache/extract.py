@@ -109,9 +109,11 @@ def pending(sources, res: Resolved, store: FeatureStore) -> Pending:
 
 def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None = None,
             batch_size: int = 64, progress: bool = True, log=None,
-            on_error: str = "fail", engine: str = "auto") -> tuple[Resolved, Summary]:
+            on_error: str = "fail", engine: str = "auto", executor: str = "local",
+            cluster=None) -> tuple[Resolved, Summary]:
     """`run_extract` with the run settings given one by one."""
-    return run_extract(sources, spec, RunSettings(cache_dir, engine, batch_size, progress, on_error, log), native_size)
+    return run_extract(sources, spec, RunSettings(cache_dir, engine, batch_size, progress, on_error, log, executor,
+                                                  cluster), native_size)
 
 
 def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int | None = None
@@ -135,6 +137,10 @@ def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int |
     p = pending(sources, res, store)
     src, ids, first, sets, need, bad = p.src, p.ids, p.first, p.sets, p.need, p.bad
     todo = p.todo
+    if todo and run.executor == "ray":
+        from .cluster import ClusterSettings, check
+
+        check(run.cluster or ClusterSettings())  # Ray installed, the address answering: before any work
     if todo and run.on_error == "fail":
         _fail_on_unreadable(src, [first[i] for i in todo], run.progress)
     computed, used = 0, None
@@ -225,36 +231,26 @@ def _compute(res: Resolved, p: Pending, store: FeatureStore, run: RunSettings):
                     sets[t.name].append([i for b in batches for i in b[0]], np.concatenate([b[1] for b in batches]))
                     buffers[t.name] = ([], time.monotonic())
 
-        def prepare(chunk):
-            return enc.prepare([src.item(q) for q in chunk], [src.name(q) for q in chunk], [src.ids[q] for q in chunk])
-
         def remember_bad():
             for t in taps:
                 sets[t.name].record_skipped({i: r for i, r in bad.items() if i in wanted[t.name]})
 
         bar = _progress(len(todo_ids), f"{res.backbone.name} {res.size}px -> {','.join(t.name for t in taps)}",
                         run.progress)
-        chunks = [positions[k:k + run.batch_size] for k in range(0, len(positions), run.batch_size)]
         done = 0
         try:
-            with _StopRequest() as stop, ThreadPoolExecutor(1) as pool:  # decode the next batch while the network runs
-                pending_batch = pool.submit(prepare, chunks[0])
-                for c in range(len(chunks)):
-                    if stop.requested:
-                        raise KeyboardInterrupt
-                    batch = pending_batch.result()
-                    if c + 1 < len(chunks):
-                        pending_batch = pool.submit(prepare, chunks[c + 1])
-                    bad.update(batch.skipped)
-                    if not len(batch):
-                        continue
-                    vectors = enc.run(batch)
+            with _StopRequest() as stop:
+                for encoded in _batches(enc, src, positions, run):
+                    bad.update(encoded.skipped)
                     for t in taps:
-                        keep = [k for k, i in enumerate(batch.keys) if i in wanted[t.name]]
-                        buffers[t.name][0].append(([batch.keys[k] for k in keep], vectors[t.name][keep]))
-                    done += len(batch)
-                    bar.update(len(batch))
+                        keep = [k for k, i in enumerate(encoded.keys) if i in wanted[t.name]]
+                        if keep:
+                            buffers[t.name][0].append(([encoded.keys[k] for k in keep], encoded.vectors[t.name][keep]))
+                    done += len(encoded.keys)
+                    bar.update(len(encoded.keys) + len(encoded.skipped))
                     flush()
+                    if stop.requested:  # after the batch in flight, which is now buffered
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (after the batch in flight), or a second one
             flush(force=True)  # keep every finished batch; the rerun starts after them
             remember_bad()
@@ -268,6 +264,18 @@ def _compute(res: Resolved, p: Pending, store: FeatureStore, run: RunSettings):
         remember_bad()
         bar.close()
         return sets, len(todo_ids) - len(bad), bad, enc.engine
+
+
+def _batches(enc, src: Sources, positions: list[int], run: RunSettings):
+    """`Encoded` batches of the images at `positions`, from the run's executor: this process (the
+    encoder's own stream, decoding ahead) or a Ray cluster (featurecache/cluster.py). An executor
+    is a function of (encoder, sources, positions, batch size, settings, log) yielding `Encoded`."""
+    if run.executor == "ray":
+        from .cluster import ClusterSettings, encode_batches
+
+        return encode_batches(enc, src, positions, run.batch_size, run.cluster or ClusterSettings(), run.say)
+    chunks = (positions[k:k + run.batch_size] for k in range(0, len(positions), run.batch_size))
+    return enc.stream(([src.item(q) for q in c], [src.name(q) for q in c], [src.ids[q] for q in c]) for c in chunks)
 
 
 class _StopRequest:

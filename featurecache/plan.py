@@ -24,9 +24,10 @@ ID_BYTES = np.dtype(ID_DTYPE).itemsize
 
 
 def plan(ds, spec: FeatureSpec, cache_dir: Path, engine: str = "auto", batch_size: int = 64,
-         probe: int = 128, log=None, on_error: str = "fail") -> dict:
+         probe: int = 128, log=None, on_error: str = "fail", executor: str = "local", cluster=None) -> dict:
     """`run_plan` with the run settings given one by one."""
-    return run_plan(ds, spec, RunSettings(cache_dir, engine, batch_size, False, on_error, log), probe)
+    return run_plan(ds, spec, RunSettings(cache_dir, engine, batch_size, False, on_error, log, executor, cluster),
+                    probe)
 
 
 def run_plan(ds, spec: FeatureSpec, run: RunSettings, probe: int = 128) -> dict:
@@ -62,6 +63,10 @@ def _warm_up(res: Resolved, p: Pending, names: list[str], run: RunSettings, prob
     enc = Encoder(res, run.cache_dir, run.engine, run.on_error, names,
                   calibration=lambda: calibration_items(res, p.src), log=run.log).load()
     positions = [p.first[i] for i in p.todo]
+    if run.executor == "ray":  # one actor on the cluster measured, scaled by the actors its CPUs hold
+        from .cluster import ClusterSettings, estimate
+
+        return estimate(enc, p.src, positions, run.batch_size, run.cluster or ClusterSettings(), probe, run.log)
     batch = min(run.batch_size, len(positions))
     skipped = {}
 
@@ -91,7 +96,12 @@ def describe(out: dict) -> str:
     for r in out["layers"]:
         lines.append(f"  {r['layer']:<24} set {r['set']}  dims {r['dims']:>6}  stored {r['stored']:>7,}  "
                      f"to compute {r['to_compute']:>7,}  disk +{mb(r['bytes_to_add'])} -> {mb(r['bytes_after'])}")
-    if out["to_compute"]:
+    if out["to_compute"] and out.get("executor") == "ray":
+        lines.append(f"expected time: {out['expected_seconds']:,.0f} s on a Ray cluster of {out['cluster_cpus']} CPUs: "
+                     f"{out['workers']} actor(s) x {out['threads_per_worker']} thread(s) on {out['engine']}, "
+                     f"{out['per_worker_images_per_second']} images/s per actor measured on {out['measured_images']} "
+                     f"of them (plus {out['setup_seconds']:.1f} s to start Ray and an actor and warm up)")
+    elif out["to_compute"]:
         lines.append(f"expected time: {out['expected_seconds']:,.0f} s on {out['engine']} "
                      f"({out['measured_images_per_second']} images/s measured on {out['measured_images']} of them, "
                      f"plus {out['setup_seconds']:.1f} s to build and warm up)")

@@ -20,6 +20,7 @@ from .fingerprint import feature_key, key_id
 
 RESIZES = tuple(imagelib.RESIZE_METHODS)
 ON_ERROR = ("fail", "skip")
+EXECUTORS = ("local", "ray")
 PRECISIONS = ("float32", "int8")
 INT8_ENGINE = "openvino"  # nncf's post-training quantisation targets OpenVINO's int8 kernels
 
@@ -84,6 +85,8 @@ class RunSettings:
     progress: bool = True
     on_error: str = "fail"  # unreadable images: fail (checked before any network work) | skip
     log: object = field(default=None, compare=False, repr=False)  # callable(str); None: stderr
+    executor: str = "local"  # where batches are encoded: local (this process) | ray (featurecache/cluster.py)
+    cluster: object = None  # executor "ray": cluster.ClusterSettings (None: a local Ray for the run)
 
     def __post_init__(self):
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -91,6 +94,8 @@ class RunSettings:
             raise FeatureCacheError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.on_error not in ON_ERROR:
             raise FeatureCacheError(f"--on-error {self.on_error}: use fail or skip")
+        if self.executor not in EXECUTORS:
+            raise FeatureCacheError(f"--executor {self.executor}: use one of {', '.join(EXECUTORS)}")
 
     def say(self, msg: str) -> None:
         (self.log or _stderr)(msg)

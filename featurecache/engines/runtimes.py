@@ -19,7 +19,11 @@ CHUNK = 8  # images per stream request: measured best (or tied) among 8, 16, 32 
 
 
 def threads() -> int:
-    """Every core this process may use (cgroup and affinity limits included)."""
+    """Every core this process may use (cgroup and affinity limits included), or $FEATURECACHE_THREADS
+    where a scheduler gave this process fewer (a Ray actor's reserved CPUs)."""
+    given = os.environ.get("FEATURECACHE_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
