@@ -1,9 +1,10 @@
 """What the scripts in scripts/ need beyond :mod:`featurecache.api`: benchmark and reproduction helpers.
 
 Scripts import only ``featurecache.api``, ``featurecache.heads``, ``featurecache.errors`` and this
-module (tests/test_scripts.py holds them to it), so that a change inside the package breaks a test
-here rather than a benchmark nobody ran. Everything below is built on the package's public
-functions; each is exercised by tests/test_scripts.py.
+module, or run the CLI (tests/test_scripts.py holds them to it). Where a benchmark must look at more
+than the API shows (a set's parts after a crash, a network's FLOPs), the reach inside the package is
+here, in one module, and every function is exercised by tests/test_scripts.py: a change inside the
+package that breaks one fails a test instead of a benchmark nobody ran.
 
     write_section(path, heading, body)      replace one `## heading` section of a Markdown file
     run_cli(args, env)                      a `featurecache` command in a child: seconds, peak RSS, stdout
@@ -14,6 +15,10 @@ functions; each is exercised by tests/test_scripts.py.
     tap_shapes(model, size, cache_dir)      {tap: map shape}, in network order
     set_state(cache_dir, set_id)            what a feature set holds on disk: ids, rows in parts, problems
     set_vectors(cache_dir, set_id, ids)     stored vectors of `ids`, in that order
+    run_encoder(run_id, cache_dir)          the encoder of a fitted run's features (what `serve` runs)
+    conv_flops(model, size, tap)            convolution FLOPs per image, for GFLOP/s figures
+    predict_files(paths, run_id, cache_dir) `featurecache predict` in this process (warm, for timings)
+    version(distribution)                   an installed library's version, as runs record it
     evaluate, write_atomic, confusion_png, scatter_png, lines_png, plot_by_layer, recommend
                                             the metrics, atomic writes and plots that `fit`, `report`
                                             and `sweep` use, for tables the CLI does not make
@@ -38,8 +43,9 @@ from .store import write_atomic
 from .sweep import plot as plot_by_layer
 from .sweep import recommend
 
-__all__ = ["CliRun", "SetState", "check_file", "confusion_png", "decode_file", "evaluate", "lines_png", "noise_pngs", "plot_by_layer", "recommend", "run_cli",
-           "scatter_png", "set_state", "set_vectors", "tap_shapes", "write_atomic", "write_digit_images",
+__all__ = ["CliRun", "SetState", "check_file", "confusion_png", "conv_flops", "decode_file", "evaluate",
+           "lines_png", "noise_pngs", "plot_by_layer", "predict_files", "recommend", "run_cli", "run_encoder",
+           "scatter_png", "set_state", "set_vectors", "tap_shapes", "version", "write_atomic", "write_digit_images",
            "write_section"]
 
 
@@ -170,18 +176,70 @@ def set_vectors(cache_dir: Path, set_id: str, ids: list[str]) -> np.ndarray:
     return fs.gather(list(ids))
 
 
-def encoder(spec, cache_dir: Path, engine: str = "auto"):
-    """The encoder (images -> {tap: vectors}) for a FeatureSpec with its size and taps given, on `engine`:
-    what extraction, predict and the server run images through. ``.prepare(items).pixels`` decodes a batch,
-    ``.encode_pixels(pixels)`` runs the network and pooling, ``.engine`` names the engine that ran."""
-    from .encoder import EncoderDescription
-
-    return EncoderDescription(spec, str(cache_dir), engine).build()
-
-
-def run_encoder(run_id: str, cache_dir: Path, engine: str = "auto"):
-    """The encoder of a fitted run's features (its model, tap, size and options), as `serve` builds it."""
+def run_encoder(run_id: str, cache_dir: Path, engine: str | None = None):
+    """The encoder of a fitted run's features (its model, tap, size and options), as `serve` builds it:
+    :func:`featurecache.api.make_encoder` of the run's recorded feature settings."""
+    from .api import make_encoder
     from .predict import run_spec
     from .runs import load_record
 
-    return encoder(run_spec(load_record(Path(cache_dir), run_id)), cache_dir, engine)
+    return make_encoder(run_spec(load_record(Path(cache_dir), run_id)), cache_dir, engine)
+
+
+def conv_flops(model: str, size: int, tap: str) -> float:
+    """FLOPs (2 per multiply-add) of the convolutions of ``model`` at ``size`` px up to ``tap``, per image:
+    nearly all of a CNN's arithmetic, for figures in GFLOP/s. Counted on a seeded random-weights build."""
+    from .backbones import get_backbone
+    from .backbones.build import build_model
+    from .backbones.weights import resolve_weights
+
+    backbone = get_backbone(model)
+    total = 0.0
+    for layer in build_model(backbone, resolve_weights(backbone, "random"), size).layers:
+        kind = type(layer).__name__
+        if kind in ("Conv2D", "DepthwiseConv2D"):
+            _, h, w, c_out = layer.output.shape
+            kh, kw, c_in = layer.get_weights()[0].shape[:3]
+            total += 2.0 * h * w * kh * kw * (c_in * c_out if kind == "Conv2D" else c_in)
+        if layer.name == tap:
+            break
+    return total
+
+
+def predict_files(paths: list[Path], run_id: str, cache_dir: Path, engine: str | None = None, top: int = 1,
+                  batch_size: int = 64) -> list[dict]:
+    """`featurecache predict` in this process (warm after the first call): one row per file with its label,
+    score, score kind and top classes, exactly as the command's --format json prints them."""
+    from .api import default_engine
+    from .predict import predict_files as predict
+
+    return predict([Path(p) for p in paths], run_id, Path(cache_dir), top=top, batch_size=batch_size,
+                   engine=engine or default_engine(), log=lambda m: None)
+
+
+def version(distribution: str) -> str:
+    """The installed version of a distribution, as runs record it ("not installed" if absent)."""
+    from .versions import version as installed
+
+    return installed(distribution)
+
+
+def store_write_rate(cache_dir: Path, dims: int, rows: int = 20000, batch: int = 64) -> float:
+    """Vectors per second the driver of an extraction can store: batches of `batch` float32 vectors of
+    `dims` appended to a fresh feature set under its lock, cut into parts as extraction cuts them (each
+    written, fsynced and renamed). The ceiling of a cluster run, whose only writer is its driver."""
+    from .store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((batch, dims)).astype(np.float32)
+    fs = FeatureStore(Path(cache_dir)).open(f"bench{dims:011d}", {"bench": dims}, dims)
+    with fs.lock():
+        t0 = since = time.perf_counter()
+        buffered, ids = [], []
+        for k in range(0, rows, batch):
+            ids += [f"{k + j:032x}" for j in range(batch)]
+            buffered.append(vectors)
+            if fs.part_due(len(ids), time.perf_counter() - since) or k + batch >= rows:
+                fs.append(ids, np.concatenate(buffered))
+                ids, buffered, since = [], [], time.perf_counter()
+        return rows / (time.perf_counter() - t0)

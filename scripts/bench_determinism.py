@@ -16,32 +16,26 @@ from pathlib import Path
 
 import numpy as np
 
+from featurecache.api import DataOptions, FeatureSpec, make_encoder
+from featurecache.bench import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from docs_section import write_section  # noqa: E402
 
 
 def vectors() -> dict:
-    """{case: (n, 512) vectors in dataset order} computed in this process."""
+    """{case: (n, 512) vectors in dataset order} computed in this process, by the encoder extraction uses."""
     import tempfile
 
-    from featurecache.api import DataOptions
-    from featurecache.backbones import preprocess
-    from featurecache.backbones.build import build_model
-    from featurecache.extract import FeatureSpec, Sources, forward_fn, resolve
-    from featurecache.taps import pool_maps
-
     ds = DataOptions("digits", max_train=60, max_test=30).load()
-    res = resolve(FeatureSpec("vgg16", "random", ("block5_pool",), size=32), 8, Path(tempfile.mkdtemp()))
-    fwd = forward_fn(build_model(res.backbone, res.weights, res.size), ["block5_pool"])
-    src = Sources([ds.train.images])
-    x = preprocess(np.stack([src.load(p, 32, "nearest") for p in range(60)]), res.preprocess_mode)
+    spec = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
+    enc = make_encoder(spec, Path(tempfile.mkdtemp()), "tensorflow")
+    x = enc.prepare([ds.train.images.load(k) for k in range(60)]).pixels
 
     def run(bs, order):
         out = np.empty((60, 512), np.float32)
         for k in range(0, 60, bs):
             rows = order[k:k + bs]
-            out[rows] = pool_maps(np.asarray(fwd(x[rows])[0]), "flatten")
+            out[rows] = enc.encode_pixels(x[rows])["block5_pool"]
         return out
 
     ident = np.arange(60)
