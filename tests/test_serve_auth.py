@@ -204,3 +204,22 @@ def test_serve_refuses_to_start_in_one_line(tmp_path, args, token, words):
     assert proc.returncode == 2 and words in error_line(proc), proc.stderr
     if "--no-auth" in args and "0.0.0.0" in args:
         assert "warning: --no-auth: the service on 0.0.0.0 is open to anyone who can reach the port" in proc.stderr
+
+
+# ---- in-process pieces ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True),
+                                            ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.168.1.5", False), ("myhost.example", False)])
+def test_only_loopback_counts_as_closed(host, loopback):
+    from featurecache.auth import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_all_runs_serves_the_newest_first(tmp_path):
+    from featurecache.fleet import all_run_ids
+
+    for run_id, created in [("b", "2026-11-02T10:00:00"), ("a", "2026-11-03T09:00:00"), ("c", "2026-11-01T00:00:00")]:
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "run.json").write_text(json.dumps({"created": created}))
+    assert all_run_ids(tmp_path) == ["a", "b", "c"]
