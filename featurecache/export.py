@@ -58,6 +58,10 @@ def _check_request(fmt: str, precision: str, record: dict) -> None:
         raise FeatureCacheError(f"--format {fmt}: unknown; use {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
         raise FeatureCacheError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    blocks = record.get("blocks") or []
+    if len(blocks) > 1 or any(b["stored"] != b["pool"] for b in blocks):
+        raise FeatureCacheError(f"--run {record['run_id']}: runs on several taps or on a fit-time pooling "
+                                f"({record.get('features')}) do not export yet; export a run on one stored tap")
     fitted = record.get("spec", {}).get("precision", "float32")
     if precision == "int8" or fitted == "int8":
         raise FeatureCacheError(
@@ -224,6 +228,7 @@ def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: st
     full.producer_name, full.producer_version = "featurecache", __version__
     full.doc_string = (f"featurecache run {run_id}: {record.get('features', '')} -> {record['head']}. "
                        "Input uint8 RGB NHWC at the input_size in metadata; outputs scores, label, label_name.")
+    full.graph.doc_string = full.doc_string  # merge_models's would name skl2onnx's random graph ids: same run, same bytes
     del full.metadata_props[:]
     for k, v in metadata(record, kind, classes).items():
         full.metadata_props.add(key=k, value=v)

@@ -230,3 +230,45 @@ def test_exportable_heads_lists_every_registered_head():
     from featurecache.heads import head_names
 
     assert exportable_heads() == head_names()
+
+
+# ---- the hand-written glue, against featurecache's own numpy (no TensorFlow) ------------------------------
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "scale01", "none"])
+def test_preprocessing_glue_is_featurecache_preprocess(tmp_path, mode):
+    from featurecache.backbones import preprocess
+    from featurecache.export_graph import preprocess_model
+    from featurecache.export_runtime import session
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "pre.onnx"
+    path.write_bytes(preprocess_model(8, mode, "x").SerializeToString())
+    got = session(path).run(["x"], {"images": images})[0]
+    np.testing.assert_allclose(got, preprocess(images, mode), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["flatten", "avg", "max"])
+@pytest.mark.parametrize("shape", [(3, 2, 5), (7,)])
+def test_pooling_glue_is_featurecache_pool_maps(tmp_path, pool, shape):
+    """flatten must keep Keras's NHWC order: the order the cache stores and the head was fitted on."""
+    from featurecache.export_graph import FEATURES, pool_model
+    from featurecache.export_runtime import session
+    from featurecache.taps import pool_maps
+
+    maps = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)
+    model, dims = pool_model("tap", shape, pool)
+    path = tmp_path / "pool.onnx"
+    path.write_bytes(model.SerializeToString())
+    got = session(path).run([FEATURES], {"tap": maps})[0]
+    want = pool_maps(maps, pool)
+    assert got.shape == want.shape == (4, dims)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_force_overwrites_and_the_file_is_whole(exported, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    proc = run_cli("export", "--run", exported["logreg"]["run_id"], "-o", out, "--force", cache_dir=exported["cache"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes() == exported["logreg"]["path"].read_bytes()  # the same run gives the same bytes
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left behind
