@@ -16,7 +16,6 @@ Throughput, p50/p99 latency and errors go to docs/BENCHMARKS.md with the command
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shlex
@@ -31,53 +30,31 @@ from pathlib import Path
 
 import numpy as np
 
+from featurecache.bench import noise_pngs, run_cli, run_encoder, write_digit_images, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import write_digit_folder  # noqa: E402
-from docs_section import write_section  # noqa: E402
-
-
-def cli(args: list[str], env: dict) -> str:
-    proc = subprocess.run([sys.executable, "-m", "featurecache.cli", *args], env=env, cwd=ROOT,
-                          stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        sys.exit(f"featurecache {shlex.join(args)} failed ({proc.returncode})")
-    return proc.stdout
 
 
 def make_run(cache: Path, env: dict, per_class: int) -> tuple[str, Path]:
     data = cache.parent / "digits"
-    write_digit_folder(data, per_class, classes=range(10))
-    out = cli(["fit", "--data", str(data), "--model", "vgg16", "--weights", "random", "--size", "32",
-               "--head", "logreg", "--extract", "--json", "--quiet"], env)
+    write_digit_images(data, per_class, classes=range(10))
+    out = run_cli(["fit", "--data", str(data), "--model", "vgg16", "--weights", "random", "--size", "32",
+                   "--head", "logreg", "--extract", "--json", "--quiet"], env).stdout
     return json.loads(out)["run_id"], data
 
 
-def noise_pngs(n: int, size: int) -> list[bytes]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
 def backbone(run_id: str, cache: Path, pngs: list[bytes], max_batch: int):
-    """A function timing the server's own compute step (preprocess, forward, pool) at its max batch."""
-    from featurecache.serve import ServeOptions, Service
-
-    service = Service(ServeOptions(run_id, str(cache), max_batch=max_batch))  # warmed up, like the server
-    x = np.stack([service.decode("noise", data) for data in pngs[:max_batch]])
+    """A function timing the server's own compute step (preprocess, forward, pool) at its max batch: the
+    run's encoder, which is what the server runs images through."""
+    encoder = run_encoder(run_id, cache)
+    x = encoder.prepare(pngs[:max_batch]).pixels
+    encoder.encode_pixels(x)  # warm-up, like the server's
     rounds = max(1, len(pngs) // max_batch)
 
     def images_per_second() -> float:
         t0 = time.perf_counter()
         for _ in range(rounds):
-            service.compute(x)
+            encoder.encode_pixels(x)
         return rounds * max_batch / (time.perf_counter() - t0)
 
     return images_per_second
