@@ -119,7 +119,7 @@ def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Jso
 
     ds = data.load()
     out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=_log, executor=run.executor,
-               cluster=run.cluster)
+               cluster=run.cluster, on_error=run.on_error)
     _emit(dict(out, dataset=ds.name), as_json, describe(out))
 
 

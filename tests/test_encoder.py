@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, write_digit_folder
+from conftest import ROOT, run_cli, write_digit_folder
 from featurecache import versions
 from featurecache.api import encode_images, make_encoder
 from featurecache.datasets import load_dataset
@@ -92,6 +92,9 @@ def test_plan_skips_a_corrupt_image_under_on_error_skip(tmp_path):
     out = plan(ds, spec, tmp_path / "cache", engine="tensorflow", probe=4, on_error="skip")
     assert out["to_compute"] == 10 and out["measured_images_per_second"] > 0
     assert [Path(s["name"]).name for s in out["skipped"]] == ["zz-corrupt.png"]
+    proc = run_cli("plan", "--data", folder, "--model", "vgg16", "--weights", "random", "--size", "32", "--engine",
+                   "tensorflow", "--on-error", "skip", "--json", cache_dir=tmp_path / "cache", check=True)
+    assert [Path(s["name"]).name for s in json.loads(proc.stdout)["skipped"]] == ["zz-corrupt.png"]
 
 
 # ---- settings ---------------------------------------------------------------------------------
