@@ -1,45 +1,64 @@
-"""Fitting: cached features -> head pipeline -> metrics -> a saved run."""
+"""Fitting: cached features (composed per featurecache/compose.py) -> head pipeline -> metrics -> a saved run."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from .api import DataOptions, dataset_features
-from .extract import FeatureSpec, calibrated
-from .runs import evaluate, new_run_id, runs_dir, save_run, spec_dict
+from . import compose
+from .api import DataOptions, default_engine
+from .runs import evaluate, new_run_id, save_run, spec_dict
+from .settings import FeatureSpec, RunSettings
+
+NORMALIZE_AUTO = {1: "l2"}  # one tap: whole-row unit norm; several: each tap first (l2-per-tap), see README
+
+
+def normalization(normalize: str, taps: int) -> str:
+    """`auto` made concrete for a fit of `taps` taps."""
+    return NORMALIZE_AUTO.get(taps, "l2-per-tap") if normalize == "auto" else normalize
 
 
 def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, normalize: str, pca: int | None,
              grid: list[str], cache_dir: Path, compute: bool = False, batch_size: int = 64,
              progress: bool = True, notes: str = "", log=print, engine: str | None = None,
              on_error: str = "fail") -> dict:
-    """Fit `head` on the cached features of `spec` for `data`; returns the saved run record."""
-    from . import heads
-
+    """Fit `head` on the cached features of `spec` (one or more taps, a stored or derived pooling) for
+    `data`; returns the saved run record."""
     ds = data.load()
+    run = RunSettings(cache_dir, engine or default_engine(), batch_size, progress, on_error, log)
+    composed = compose.gather(ds, spec, run, compute, data)
+    return fit_composed(data, ds, spec, composed, head, options, normalize, pca, grid, cache_dir, notes)
+
+
+def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Composed, head: str, options: dict,
+                 normalize: str, pca: int | None, grid: list[str], cache_dir: Path, notes: str = "") -> dict:
+    """Fit, evaluate and save one head on matrices already gathered (a sweep gathers once for many heads)."""
+    from . import heads
+    from .settings import calibrated
+
     spec = calibrated(spec, ds.train.images.ids)  # int8 runs record their sample, so predict finds the graph
-    pipeline = heads.make_pipeline(head, heads.with_seed(head, options, data.seed), normalize, pca)
+    normalize = normalization(normalize, len(composed.blocks))
+    blocks = tuple(b.dims for b in composed.blocks)
+    pipeline = heads.make_pipeline(head, heads.with_seed(head, options, data.seed), normalize, pca, blocks)
     search = heads.parse_grid(grid, pipeline, head=head) if grid else None
-    res, x_train, x_test = dataset_features(ds, spec, cache_dir, data, compute, batch_size, progress, log,
-                                            on_error=on_error, engine=engine)
-    layer = res.layers[0]
+    x_fit, y_fit = composed.x_train, ds.train.labels
     t0 = time.perf_counter()
     table = None
     if search:
-        pipeline, table = heads.grid_search(pipeline, search, x_train, ds.train.labels, seed=data.seed, head=head)
+        pipeline, table = heads.grid_search(pipeline, search, x_fit, y_fit, seed=data.seed, head=head)
     else:
-        heads.fit_pipeline(pipeline, x_train, ds.train.labels)
+        heads.fit_pipeline(pipeline, x_fit, y_fit)
     fit_seconds = time.perf_counter() - t0
-    metrics = evaluate(pipeline, x_train, ds.train.labels, x_test, ds.test.labels, ds.class_names)
-    run_id = new_run_id(head)
-    features = f"{res.backbone.name}/{layer}/{res.pool} {res.size}px"
+    metrics = evaluate(pipeline, composed.x_train, ds.train.labels, composed.x_test, ds.test.labels, ds.class_names)
+    res, first = composed.res, composed.blocks[0]
     record = {
         "data": ds.name, "data_options": vars(data), "dataset_fingerprint": ds.fingerprint(),
-        "n_train": len(ds.train), "n_test": len(ds.test), "class_names": list(ds.class_names),
-        "spec": spec_dict(spec), "model": res.backbone.name, "weights": res.weights.label, "layer": layer,
-        "size": res.size, "feature_set": res.set_ids[layer], "feature_key": res.keys[layer],
-        "features": features, "dims": int(x_train.shape[1]),
+        "n_train": len(y_fit), "n_test": len(ds.test), "class_names": list(ds.class_names),
+        "spec": spec_dict(spec), "model": res.backbone.name, "weights": res.weights.label,
+        "layer": first.layer, "layers": composed.layers, "size": res.size,
+        "feature_set": first.set_id, "feature_sets": [b.set_id for b in composed.blocks],
+        "feature_key": res.keys[first.layer], "blocks": [b.as_dict() for b in composed.blocks],
+        "features": composed.describe(), "dims": int(composed.x_train.shape[1]),
         "head": head, "head_options": options, "normalize": normalize, "pca": pca,
         "head_params": {k: repr(v) for k, v in pipeline.get_params(deep=True).items()
                         if k.startswith("head__")},
@@ -47,6 +66,7 @@ def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, nor
         "grid": [{"params": p, "mean": m, "std": s} for p, m, s in table] if table else None,
         "fit_seconds": round(fit_seconds, 3), "notes": notes, "metrics": metrics,
     }
+    run_id = new_run_id(head)
     folder = save_run(cache_dir, run_id, pipeline, record)
     record.update(run_id=run_id, run_dir=str(folder))
     return record

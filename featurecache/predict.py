@@ -5,10 +5,12 @@ serving them, is a cache hit."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from .compose import Block, rows
 from .datasets import FileImages
 from .errors import FeatureCacheError
 from .extract import run_extract
@@ -18,20 +20,41 @@ from .store import FeatureStore
 
 
 def run_spec(record: dict) -> FeatureSpec:
-    """The run's feature options, with the size and layer it actually used pinned."""
-    spec = dict(record["spec"], size=record["size"], layers=(record["layer"],))
+    """The run's feature options, with the size and layers it actually used pinned."""
+    spec = dict(record["spec"], size=record["size"], layers=tuple(record.get("layers") or [record["layer"]]))
     return FeatureSpec(**spec)
+
+
+def run_blocks(record: dict) -> list[Block]:
+    """How the run's rows are made from stored vectors; runs saved before fit-time composition had one
+    tap read as stored."""
+    if record.get("blocks"):
+        return [Block.from_dict(b) for b in record["blocks"]]
+    pool = record["spec"]["pool"]
+    return [Block(record["layer"], pool, pool, record["feature_set"], (), record["dims"])]
+
+
+def stored_specs(record: dict) -> dict[str, FeatureSpec]:
+    """Stored pooling -> the spec that extracts (or finds) the run's taps stored that way."""
+    spec, blocks = run_spec(record), run_blocks(record)
+    return {pool: replace(spec, pool=pool, layers=tuple(b.layer for b in blocks if b.stored == pool))
+            for pool in dict.fromkeys(b.stored for b in blocks)}
 
 
 def features_for_files(paths: list[Path], record: dict, cache_dir: Path, batch_size: int = 64,
                        progress: bool = False, log=None, engine: str = "auto") -> np.ndarray:
-    """Vectors of `paths` for the run's feature set; new images are computed and stored too."""
+    """The run's rows for `paths`; new images are computed and stored too."""
     for p in paths:
         if not Path(p).is_file():
             raise FeatureCacheError(f"{p}: no such file")
     files = FileImages([Path(p) for p in paths])
-    res, _ = run_extract([files], run_spec(record), RunSettings(cache_dir, engine, batch_size, progress, log=log))
-    return FeatureStore(cache_dir).get(res.set_ids[record["layer"]]).gather(files.ids)
+    run = RunSettings(cache_dir, engine, batch_size, progress, log=log)
+    stored = {}
+    for spec in stored_specs(record).values():
+        res, _ = run_extract([files], spec, run)
+        stored.update({layer: FeatureStore(cache_dir).get(res.set_ids[layer]).gather(files.ids)
+                       for layer in spec.layers})
+    return rows(run_blocks(record), stored)
 
 
 def label_rows(names: list[str], pipeline, x: np.ndarray, class_names: list[str], top: int) -> list[dict]:

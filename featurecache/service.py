@@ -22,7 +22,8 @@ import numpy as np
 
 from . import images as imagelib
 from .errors import FeatureCacheError
-from .predict import label_rows, run_spec
+from .compose import rows
+from .predict import label_rows, run_blocks, stored_specs
 from .store import EMPTY_READER, FeatureStore
 
 REFRESH_S = 2.0
@@ -89,6 +90,34 @@ class StoredVectors:
         return self._reader.lookup(ids)
 
 
+def composed_id(blocks) -> str:
+    """How a composed run's rows are named: its sets' ids, each with the view taken of it."""
+    return "+".join(b.set_id + ("" if b.stored == b.pool else f":{b.pool}") for b in blocks)
+
+
+class ComposedVectors:
+    """The stored rows of a run fitted on several taps or on a fit-time pooling (featurecache/compose.py):
+    an image is a hit when every tap's set holds it, and its row is composed as the fit composed it."""
+
+    def __init__(self, store: FeatureStore, blocks):
+        self.blocks = blocks
+        self.parts = {b.layer: StoredVectors(store, b.set_id) for b in blocks}
+        self.set_id = composed_id(blocks)
+
+    def __len__(self) -> int:
+        return min(len(p) for p in self.parts.values())
+
+    def lookup(self, ids: list[str]) -> dict[int, np.ndarray]:
+        from .compose import rows
+
+        found = {layer: p.lookup(ids) for layer, p in self.parts.items()}
+        hits = sorted(set.intersection(*(set(f) for f in found.values())))
+        if not hits:
+            return {}
+        composed = rows(self.blocks, {layer: np.stack([f[k] for k in hits]) for layer, f in found.items()})
+        return dict(zip(hits, composed))
+
+
 @dataclass
 class Prepared:
     """One request's images: ids, rows of those the cache holds, decoded pixels of the others."""
@@ -113,9 +142,17 @@ class Service:
         self.opts = opts
         cache = Path(opts.cache_dir)
         self.record, self.pipeline = load_head(cache, opts.run_id)
-        self.layer = self.record["layer"]
-        self.res = resolve(run_spec(self.record), None, cache)
-        same = [s for s in share if s.stored.set_id == self.res.set_ids[self.layer]]
+        self.blocks = run_blocks(self.record)
+        specs = stored_specs(self.record)
+        if len(specs) > 1:
+            raise FeatureCacheError(f"run {opts.run_id}: its taps are stored with different poolings "
+                                    f"({', '.join(specs)}); serve takes runs whose taps share one stored pooling")
+        self.layers = [b.layer for b in self.blocks]
+        self.layer = self.layers[0]
+        self.res = resolve(next(iter(specs.values())), None, cache)
+        plain = len(self.blocks) == 1 and self.blocks[0].stored == self.blocks[0].pool
+        sid = self.res.set_ids[self.layer] if plain else composed_id(self.blocks)
+        same = [s for s in share if s.stored.set_id == sid]
         if same:
             self.encoder, self.engine, self.stored = same[0].encoder, same[0].engine, same[0].stored
             _log(f"run {opts.run_id}: {self.record['head']} head on the encoder and feature set {self.stored.set_id} "
@@ -123,20 +160,21 @@ class Service:
             return
         choose(opts.engine, self.res.precision)  # a bad --engine fails before the model is built
         t0 = time.perf_counter()
-        self.encoder = Encoder(self.res, cache, opts.engine, "fail", [self.layer], max_pixels=opts.max_pixels,
+        self.encoder = Encoder(self.res, cache, opts.engine, "fail", self.layers, max_pixels=opts.max_pixels,
                                log=_log)
         self.engine = self.encoder.engine  # builds the network
         blank = np.zeros((opts.max_batch, self.res.size, self.res.size, 3), np.uint8)
         self.compute(blank[:1])  # two batch sizes: tf.function then settles on one trace for any size
         self.compute(blank)
-        self.stored = StoredVectors(FeatureStore(cache), self.res.set_ids[self.layer])
+        self.stored = (StoredVectors(FeatureStore(cache), sid) if plain
+                       else ComposedVectors(FeatureStore(cache), self.blocks))
         _log(f"run {opts.run_id}: {self.record['features']} + {self.record['head']} loaded on {self.engine} and "
              f"warmed up in "
              f"{time.perf_counter() - t0:.1f} s; {len(self.stored)} images in feature set {self.stored.set_id}")
 
     def compute(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, size, size, 3) -> (N, D) vectors, exactly as extraction makes them (same encoder)."""
-        return self.encoder.encode_pixels(pixels)[self.layer]
+        return rows(self.blocks, self.encoder.encode_pixels(pixels))
 
     def prepare(self, named: list[tuple[str, bytes]], top: int) -> Prepared:
         """Hash every image and label those in the cache; decode the others (a bad one fails the request)."""

@@ -184,19 +184,21 @@ def make_head(name: str, options: dict | None = None) -> BaseEstimator:
 
 
 def make_pipeline(head_name: str, options: dict | None = None, normalize: str = "l2",
-                  pca: int | None = None) -> Pipeline:
+                  pca: int | None = None, blocks: tuple[int, ...] | None = None) -> Pipeline:
     """``normalize -> pca -> head`` as a scikit-learn Pipeline (steps are always present).
 
     normalize: ``"l2"`` -- :class:`L2Normalizer` (rows to unit norm, IN PLACE on float input:
     the caller's array is rescaled, which is harmless for cached features because the
     operation is idempotent); ``"standard"`` -- StandardScaler (fitted on what ``fit`` gets, i.e.
-    the train split; works on a copy); ``"none"`` -- passthrough. ``pca``: number of PCA
+    the train split; works on a copy); ``"l2-per-tap"`` -- each block of columns (``blocks``: the
+    taps' widths) to unit norm, then the row; ``"none"`` -- passthrough. ``pca``: number of PCA
     components (fitted on the train split), or None for no PCA.
     """
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    normalizers = {"l2": L2Normalizer, "standard": StandardScaler, "none": lambda: "passthrough"}
+    normalizers = {"l2": L2Normalizer, "l2-per-tap": lambda: L2Normalizer(blocks=tuple(blocks or ()) or None),
+                   "standard": StandardScaler, "none": lambda: "passthrough"}
     if normalize not in normalizers:
         raise FeatureCacheError(
             f"--normalize must be one of {', '.join(normalizers)}, got {normalize!r}"
