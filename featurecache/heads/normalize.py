@@ -33,6 +33,7 @@ class L2Normalizer(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {"copy": ["boolean"], "blocks": [tuple, list, None]}
+    blocks = None  # what runs pickled before this parameter existed read: whole rows only
 
     def __init__(self, copy=False, blocks=None):
         self.copy = copy
