@@ -147,6 +147,10 @@ def backbone_part(record: dict, cache_dir: Path, log=None):
     from .backbones import get_backbone
     from .backbones.weights import resolve_weights
 
+    layers = record.get("layers") or [record["layer"]]
+    if len(layers) > 1:
+        raise FeatureCacheError(f"--run {record['run_id']}: fitted on {len(layers)} taps ({', '.join(layers)}); "
+                                "export takes single-tap runs for now")
     key = record["feature_key"]
     backbone = get_backbone(key["model"])
     spec = record.get("spec", {})

@@ -111,23 +111,39 @@ def _l2_shape(operator):
 
 
 def _l2_convert(scope, operator, container):
-    """L2Normalizer: x / |x|, rows of norm 0 left as they are (as the estimator does)."""
+    """L2Normalizer: x / |x| per row; with `blocks`, each column block to unit norm first, then the row.
+    Rows (and blocks) of norm 0 are left as they are, as the estimator does."""
     from onnx import TensorProto
 
     x, y = operator.inputs[0].full_name, operator.outputs[0].full_name
     n = scope.get_unique_variable_name
-
-    sq, axes, ssum, norm, zero, one, is0, safe = (n(s) for s in
-                                                  ("sq", "axes", "ssum", "norm", "zero", "one", "is0", "safe"))
+    axes, zero, one = n("axes"), n("zero"), n("one")
     container.add_initializer(axes, TensorProto.INT64, [1], [1])
     container.add_initializer(zero, TensorProto.FLOAT, [], [0.0])
     container.add_initializer(one, TensorProto.FLOAT, [], [1.0])
-    container.add_node("Mul", [x, x], sq, name=n("l2_mul"))
-    container.add_node("ReduceSum", [sq, axes], ssum, keepdims=1, name=n("l2_sum"))
-    container.add_node("Sqrt", [ssum], norm, name=n("l2_sqrt"))
-    container.add_node("Equal", [norm, zero], is0, name=n("l2_eq"))
-    container.add_node("Where", [is0, one, norm], safe, name=n("l2_where"))
-    container.add_node("Div", [x, safe], y, name=n("l2_div"))
+
+    def normalise(src: str, dst: str) -> None:
+        sq, ssum, norm, is0, safe = (n(v) for v in ("sq", "ssum", "norm", "is0", "safe"))
+        container.add_node("Mul", [src, src], sq, name=n("l2_mul"))
+        container.add_node("ReduceSum", [sq, axes], ssum, keepdims=1, name=n("l2_sum"))
+        container.add_node("Sqrt", [ssum], norm, name=n("l2_sqrt"))
+        container.add_node("Equal", [norm, zero], is0, name=n("l2_eq"))
+        container.add_node("Where", [is0, one, norm], safe, name=n("l2_where"))
+        container.add_node("Div", [src, safe], dst, name=n("l2_div"))
+
+    blocks = [int(b) for b in (getattr(operator.raw_operator, "blocks", None) or ())]
+    if len(blocks) <= 1:
+        normalise(x, y)
+        return
+    sizes, parts = n("blocks"), [n("block") for _ in blocks]
+    container.add_initializer(sizes, TensorProto.INT64, [len(blocks)], blocks)
+    container.add_node("Split", [x, sizes], parts, axis=1, name=n("l2_split"))
+    done = [n("block_l2") for _ in blocks]
+    for src, dst in zip(parts, done):
+        normalise(src, dst)
+    joined = n("blocks_l2")
+    container.add_node("Concat", done, joined, axis=1, name=n("l2_concat"))
+    normalise(joined, y)  # then the whole row, as the estimator does
 
 
 def _linear_svc_standin(fast):

@@ -272,3 +272,23 @@ def test_force_overwrites_and_the_file_is_whole(exported, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes() == exported["logreg"]["path"].read_bytes()  # the same run gives the same bytes
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left behind
+
+
+def test_block_normaliser_converts(tmp_path):
+    """A multi-tap fit's normaliser (each tap's block to unit norm, then the row), where the estimator has blocks."""
+    import inspect
+
+    from featurecache import export
+    from featurecache.heads import L2Normalizer, make_pipeline, scores
+
+    if "blocks" not in inspect.signature(L2Normalizer).parameters:
+        pytest.skip("L2Normalizer has no blocks here")
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(size=(60, 8))).astype(np.float32)
+    x[:5, :3] = 0  # a block of norm zero stays zero
+    pipe = make_pipeline("logreg").set_params(normalize=L2Normalizer(blocks=(3, 5))).fit(x.copy(), np.arange(60) % 3)
+    record = {"run_id": "test", "head": "logreg", "class_names": ["a", "b", "c"], "feature_set": "none"}
+    model, kind, err, _ = export.head_part(record, pipe, 8, tmp_path)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["scores"], {"head/features": x})[0]
+    np.testing.assert_allclose(got, scores(pipe, x.copy()).values, atol=1e-5)
