@@ -226,33 +226,41 @@ def classify(files: Annotated[list[Path], typer.Argument(help="Image files.")],
 @app.command("sweep")
 @takes(data=DATA, spec=SWEEP_FEATURES, run=RUN)
 def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions,
-              layers: Annotated[str, typer.Option("--layers", help="all (each stage's output) or L1,L2,...")] = "all",
+              layers: Annotated[str, typer.Option("--layers", help="all (each stage's output), or L1,L2,... with "
+                                                                   "`+` joining taps fitted together (L1+L2).")] = "all",
+              pools: Annotated[Optional[str], typer.Option("--pools", help="Poolings to compare, e.g. "
+                                                                          "flatten,max2x2,avg [default: --pool].")] = None,
               sizes: Annotated[Optional[str], typer.Option("--sizes", help="Input sizes, e.g. 32,64 "
                                                                           "[default: the images' own].")] = None,
               heads: Annotated[str, typer.Option("--heads", help="Heads to fit on each tap, e.g. linsvc,logreg.")] = "linsvc",
-              normalize: Normalize = "l2",
+              validation: Annotated[float, typer.Option("--validation", min=0.05, max=0.5, help=(
+                  "Fraction of the training images held out to compare configurations on; the test split "
+                  "scores the chosen one only."))] = 0.2,
+              normalize: Normalize = "auto",
               plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG path [default: <cache>/sweep.png].")] = None,
               as_json: Json = False):
-    """Extract several taps (one pass per size), fit heads on each, and recommend a layer and size."""
+    """Compare taps, poolings, sizes and heads on a validation split; refit the best, test it once."""
     from . import sweep as sweeps
 
     try:
         size_list = [int(s) for s in sizes.split(",")] if sizes else [None]
     except ValueError:
         raise FeatureCacheError(f"--sizes {sizes}: give whole numbers separated by commas, e.g. 32,64") from None
-    rows = sweeps.sweep(data, spec, layers, size_list, [h.strip() for h in heads.split(",")], run.cache_dir,
-                        normalize, run.batch_size, progress=run.progress, log=_log, engine=run.engine,
-                        on_error=run.on_error)
+    result = sweeps.sweep(data, spec, layers, size_list, [h.strip() for h in heads.split(",")], run.cache_dir,
+                          normalize, run.batch_size, progress=run.progress, log=_log, engine=run.engine,
+                          on_error=run.on_error, pools=[p.strip() for p in pools.split(",")] if pools else None,
+                          validation=validation)
+    rows = result["rows"]
     path = sweeps.plot(rows, plot or run.cache_dir / "sweep.png",
-                       f"{spec.model} ({spec.weights}) on {data.data}: test accuracy by layer")
-    advice = sweeps.recommend(rows)
+                       f"{spec.model} ({spec.weights}) on {data.data}: validation accuracy by layer")
+    advice = sweeps.recommend(result)
     if as_json:
-        print(json.dumps({"rows": rows, "recommendation": advice, "plot": str(path)}, indent=1))
+        print(json.dumps(dict(result, recommendation=advice, plot=str(path)), indent=1))
         return
-    print(f"{'layer':<24} {'size':>5} {'head':<8} {'dims':>7} {'fit s':>7} {'train':>7} {'test':>7}")
+    print(f"{'layer':<28} {'pool':<8} {'size':>5} {'head':<8} {'dims':>7} {'fit s':>7} {'valid.':>7}")
     for r in rows:
-        print(f"{r['layer']:<24} {r['size']:>5} {r['head']:<8} {r['dims']:>7} {r['fit_seconds']:>7.2f} "
-              f"{r['train_accuracy']:>7.4f} {r['test_accuracy']:>7.4f}")
+        print(f"{r['layer']:<28} {r['pool']:<8} {r['size']:>5} {r['head']:<8} {r['dims']:>7} {r['fit_seconds']:>7.2f} "
+              f"{r['val_accuracy']:>7.4f}")
     print(advice)
     print(f"plot: {path}")
 
@@ -444,13 +452,13 @@ def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id 
                precision: Annotated[str, typer.Option("--precision", help="float32 (int8: not yet, "
                                                                           "see docs/EXPORT.md).")] = "float32",
                output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write "
-                                                                                   "[default: ./<run id>.onnx].")] = None,
+                                                                                   "(default: ./RUN_ID.onnx).")] = None,
                force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
                check: Annotated[Optional[Path], typer.Option("--check", help="Run an exported file with plain ONNX "
                                                                              "Runtime on the run's test images and "
                                                                              "compare with `featurecache predict`.")] = None,
                data: Annotated[Optional[str], typer.Option("--data", help="With --check: the data to take the test "
-                                                                          "split of [default: the run's].")] = None,
+                                                                          "split of (default: the run's own).")] = None,
                data_dir: DataDir = None, cache_dir: CacheDir = None, engine: Engine = None, as_json: Json = False):
     """A fitted run as one ONNX file (uint8 images in; scores and label out), or --check such a file."""
     from . import export as fc_export

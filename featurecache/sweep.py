@@ -1,21 +1,32 @@
-"""Sweeps: which layer and input size suit a dataset, measured instead of guessed.
+"""Sweeps: which taps, pooling, input size and head suit a dataset, measured instead of guessed.
 
-For each size, every requested tap is extracted in one forward pass; then each head is fitted on each
-tap (every fit is an ordinary run in the ledger). The result is a table, a plot of test accuracy by
-layer (one line per size and head) and a recommendation.
+For each size, every tap the sweep names is extracted once (one forward pass per stored pooling);
+then each combination of taps (`block3_pool+block4_pool`) and pooling (stored, or a view of the stored
+map: featurecache/views.py) is gathered from the cache ONCE and every head is fitted on it. With
+dozens of configurations, picking the best by test accuracy would leak the test split into the
+choice: every configuration is scored on a validation split carved from the training rows (seeded,
+stratified), the best on validation is refitted on all training rows, and only that one is
+evaluated on the test split, once, and saved as a run.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from .api import DataOptions, extract_dataset
+import numpy as np
+
+from . import compose, views
+from .api import DataOptions, default_engine
 from .backbones import get_backbone
 from .errors import FeatureCacheError
-from .extract import FeatureSpec
-from .fit import fit_head
+from .fit import fit_head, normalization
+from .sampling import train_test_indices
+from .settings import FeatureSpec, RunSettings
 from .taps import Tap, catalogue
+
+VALIDATION = 0.2  # of the training rows: the split configurations are compared on
 
 
 def stage_outputs(taps: list[Tap]) -> list[str]:
@@ -32,49 +43,102 @@ def stage_outputs(taps: list[Tap]) -> list[str]:
     return out
 
 
+def tap_sets(layers: str, names_all) -> list[tuple[str, ...]]:
+    """`all`, or comma-separated taps and `+`-joined combinations of taps, as tuples of layer names."""
+    if layers == "all":
+        return [(n,) for n in names_all()]
+    combos = [tuple(t.strip() for t in item.split("+") if t.strip()) for item in layers.split(",") if item.strip()]
+    if not combos or any(not c for c in combos):
+        raise FeatureCacheError("--layers: give `all` or comma-separated layers, `+` joining taps fitted together "
+                                "(e.g. block3_pool,block3_pool+block4_pool)")
+    return combos
+
+
 def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | None], heads: list[str],
-          cache_dir: Path, normalize: str = "l2", batch_size: int = 64, progress: bool = True,
-          log=print, engine: str | None = None, on_error: str = "fail") -> list[dict]:
-    """`spec` holds every feature option but the taps and the size, which the sweep varies."""
+          cache_dir: Path, normalize: str = "auto", batch_size: int = 64, progress: bool = True,
+          log=print, engine: str | None = None, on_error: str = "fail", pools: list[str] | None = None,
+          validation: float = VALIDATION) -> dict:
+    """Rows (one per size x taps x pooling x head, scored on validation) and the chosen configuration,
+    refitted on all training rows and evaluated once on the test split."""
+    from .extract import run_extract
+
     backbone = get_backbone(spec.model)
+    pools = [views.check(p) for p in (pools or [spec.pool])]
+    run = RunSettings(cache_dir, engine or default_engine(), batch_size, progress, on_error, log)
     ds = data.load()
-    rows = []
+    rows, skipped = [], []
     for size in sizes:
         base = replace(spec, layers=(), size=size)
-        if layers == "all":
+
+        def stages():
             probe = size or (max(ds.native_size() or 0, backbone.min_size) if ds.native_size() else
                              backbone.default_size)
-            names = list(backbone.stages) or stage_outputs(catalogue(backbone, probe, cache_dir))
-        else:
-            names = [n.strip() for n in layers.split(",") if n.strip()]
-        if not names:
-            raise FeatureCacheError("--layers: give `all` or a comma-separated list of layer names")
-        res, summary = extract_dataset(ds, replace(base, layers=tuple(names)), cache_dir, batch_size, progress, log,
-                                       on_error, engine)
-        extract_seconds = summary.seconds
-        for name in names:
-            for head in heads:
-                record = fit_head(data, replace(base, layers=(name,)), head, {}, normalize, None, [], cache_dir,
-                                  progress=False, notes="sweep", log=log, engine=engine)
-                rows.append({"layer": name, "size": res.size, "head": head, "dims": record["dims"],
-                             "extract_seconds": round(extract_seconds, 1), "fit_seconds": record["fit_seconds"],
-                             "train_accuracy": record["metrics"]["train_accuracy"],
-                             "test_accuracy": record["metrics"]["test_accuracy"], "run_id": record["run_id"]})
-                log(f"  {name:<24} {res.size:>4}px {head:<7} dims {record['dims']:>6}  "
-                    f"test {record['metrics']['test_accuracy']:.4f}")
-    return rows
+            return list(backbone.stages) or stage_outputs(catalogue(backbone, probe, cache_dir))
+
+        combos = tap_sets(layers, stages)
+        taps = tuple(dict.fromkeys(t for c in combos for t in c))
+        t0 = time.perf_counter()
+        for stored in dict.fromkeys(views.source_pool(p) for p in pools):  # one pass per stored pooling
+            run_extract([ds.train.images, ds.test.images], replace(base, layers=taps, pool=stored), run,
+                        ds.native_size())
+        extract_seconds = time.perf_counter() - t0
+        for combo in combos:
+            for pool in pools:
+                try:
+                    composed = compose.gather(ds, replace(base, layers=combo, pool=pool), run)
+                except FeatureCacheError as e:  # a view a tap cannot give (2x2 windows of a 1x1 map)
+                    skipped.append({"layer": "+".join(combo), "pool": pool, "size": size, "reason": str(e)})
+                    log(f"  skipped {'+'.join(combo)} {pool}: {e}")
+                    continue
+                train, val = train_test_indices(ds.train.labels, data.seed, test_size=validation)
+                for head in heads:
+                    rows.append(dict(_validate(composed, ds.train.labels, train, val, head, normalize, data.seed),
+                                     layer="+".join(combo), pool=pool, size=composed.res.size,
+                                     extract_seconds=round(extract_seconds, 1)))
+                    r = rows[-1]
+                    log(f"  {r['layer']:<28} {r['pool']:<8} {r['size']:>4}px {head:<7} dims {r['dims']:>6}  "
+                        f"validation {r['val_accuracy']:.4f}")
+                del composed
+    if not rows:
+        raise FeatureCacheError("sweep: no configuration could be fitted: " + "; ".join(s["reason"] for s in skipped))
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    record = fit_head(data, replace(spec, layers=tuple(best["layer"].split("+")), pool=best["pool"],
+                                    size=best["size"]), best["head"], {}, normalize, None, [], cache_dir,
+                      progress=False, notes="sweep: chosen on validation", log=log, engine=run.engine)
+    chosen = dict(best, run_id=record["run_id"], test_accuracy=record["metrics"]["test_accuracy"],
+                  train_accuracy=record["metrics"]["train_accuracy"], fit_seconds_full=record["fit_seconds"])
+    return {"rows": rows, "chosen": chosen, "skipped": skipped, "validation": {"fraction": validation, "n_fit": len(train),
+                                                           "n_validation": len(val), "seed": data.seed}}
 
 
-def recommend(rows: list[dict]) -> str:
-    best = max(rows, key=lambda r: r["test_accuracy"])
-    top_layer = [r for r in rows if r["size"] == best["size"] and r["head"] == best["head"]][-1]
+def _validate(composed, labels, train, val, head: str, normalize: str, seed: int) -> dict:
+    """Fit on the training rows less the validation split, score on the validation split."""
+    from . import heads
+
+    blocks = tuple(b.dims for b in composed.blocks)
+    pipeline = heads.make_pipeline(head, heads.with_seed(head, {}, seed),
+                                   normalization(normalize, len(blocks)), None, blocks)
+    t0 = time.perf_counter()
+    heads.fit_pipeline(pipeline, composed.x_train[train], labels[train])
+    fit_seconds = time.perf_counter() - t0
+    accuracy = float(np.mean(pipeline.predict(composed.x_train[val]) == labels[val]))
+    return {"head": head, "dims": int(composed.x_train.shape[1]), "fit_seconds": round(fit_seconds, 3),
+            "val_accuracy": accuracy}
+
+
+def recommend(result: dict) -> str:
+    rows, best = result["rows"], result["chosen"]
+    deepest = [r for r in rows if r["size"] == best["size"] and r["head"] == best["head"]
+               and r["pool"] == best["pool"] and "+" not in r["layer"]]
     note = ""
-    if best["layer"] != top_layer["layer"]:
-        gain = best["test_accuracy"] - top_layer["test_accuracy"]
-        note = (f"; an earlier tap beats the top one ({top_layer['layer']}) by {gain * 100:.1f} points, "
+    if deepest and "+" not in best["layer"] and best["layer"] != deepest[-1]["layer"]:
+        gain = best["val_accuracy"] - deepest[-1]["val_accuracy"]
+        note = (f"; an earlier tap beats the top one ({deepest[-1]['layer']}) by {gain * 100:.1f} points, "
                 "typical of data small or far from ImageNet")
-    return (f"recommended: --layer {best['layer']} --size {best['size']} --head {best['head']} "
-            f"(test accuracy {best['test_accuracy']:.4f}, chosen on the test split: confirm with --grid){note}")
+    layer_flags = " ".join(f"--layer {t}" for t in best["layer"].split("+"))
+    return (f"recommended: {layer_flags} --pool {best['pool']} --size {best['size']} --head {best['head']} "
+            f"(chosen on validation: {best['val_accuracy']:.4f} on {result['validation']['n_validation']} held-out "
+            f"training images; test accuracy, measured once: {best['test_accuracy']:.4f}; run {best['run_id']}){note}")
 
 
 def plot(rows: list[dict], path: Path, title: str, order: list[str] | None = None) -> Path:
@@ -83,5 +147,5 @@ def plot(rows: list[dict], path: Path, title: str, order: list[str] | None = Non
 
     series: dict[str, list] = {}
     for r in rows:
-        series.setdefault(f"{r['size']}px {r['head']}", []).append((r["layer"], r["test_accuracy"]))
-    return lines_png(series, path, "layer", "test accuracy", title, order)
+        series.setdefault(f"{r['size']}px {r['pool']} {r['head']}", []).append((r["layer"], r["val_accuracy"]))
+    return lines_png(series, path, "layer", "validation accuracy", title, order)

@@ -197,18 +197,31 @@ def test_changed_head_file_is_refused(folder_cache):
     assert proc.returncode == 2 and "hash mismatch" in error_line(proc)
 
 
-def test_sweep_fits_each_tap_and_recommends(tmp_path):
+def test_sweep_compares_on_validation_and_tests_only_the_chosen(tmp_path):
     cache = tmp_path / "cache"
     out = run_cli("sweep", "--data", "digits", "--max-train", "120", "--max-test", "60", "--model", "vgg16",
-                  "--weights", "random", "--layers", "block3_pool,block5_pool", "--sizes", "32",
-                  "--heads", "linsvc,logreg", "--json", cache_dir=cache, check=True).stdout
+                  "--weights", "random", "--layers", "block3_pool,block5_pool,block3_pool+block5_pool",
+                  "--pools", "flatten,max2x2", "--sizes", "32", "--heads", "linsvc,logreg", "--json",
+                  cache_dir=cache, check=True).stdout
     result = json.loads(out)
     rows = result["rows"]
-    assert [(r["layer"], r["head"]) for r in rows] == [("block3_pool", "linsvc"), ("block3_pool", "logreg"),
-                                                       ("block5_pool", "linsvc"), ("block5_pool", "logreg")]
-    assert {r["dims"] for r in rows} == {4096, 512}
-    best = max(rows, key=lambda r: r["test_accuracy"])
-    assert result["recommendation"].startswith(f"recommended: --layer {best['layer']} --size 32")
+    assert [(r["layer"], r["pool"], r["head"]) for r in rows[:4]] == [
+        ("block3_pool", "flatten", "linsvc"), ("block3_pool", "flatten", "logreg"),
+        ("block3_pool", "max2x2", "linsvc"), ("block3_pool", "max2x2", "logreg")]
+    assert all("test_accuracy" not in r for r in rows)  # no peeking at the test split
+    # block3_pool at 32 px is 4x4x256 (max2x2: 2x2x256); block5_pool is 1x1x512, too small for 2x2 windows
+    assert [(s["layer"], s["pool"]) for s in result["skipped"]] == [("block5_pool", "max2x2"),
+                                                                    ("block3_pool+block5_pool", "max2x2")]
+    assert len(rows) == (3 * 2 - 2) * 2
+    dims = {(r["layer"], r["pool"]): r["dims"] for r in rows}
+    assert dims[("block3_pool", "flatten")] == 4096 and dims[("block3_pool", "max2x2")] == 1024
+    assert dims[("block3_pool+block5_pool", "flatten")] == 4096 + 512
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    chosen = result["chosen"]
+    assert (chosen["layer"], chosen["pool"], chosen["head"]) == (best["layer"], best["pool"], best["head"])
+    assert result["validation"]["n_validation"] == 24 and result["validation"]["n_fit"] == 96
+    assert "chosen on validation" in result["recommendation"] and chosen["run_id"] in result["recommendation"]
     assert (cache / "sweep.png").stat().st_size > 10_000
     ledger = run_cli("report", "--format", "csv", cache_dir=cache, check=True).stdout
-    assert len(ledger.strip().splitlines()) == 1 + 4  # every sweep fit is an ordinary run
+    assert len(ledger.strip().splitlines()) == 1 + 1  # only the chosen configuration becomes a run
+
