@@ -126,8 +126,9 @@ class Encoder:
         if self.res.spec is None:  # a Resolved made by hand, not by settings.resolve
             raise FeatureCacheError("this encoder's settings were not resolved by featurecache.settings.resolve; "
                                     "it cannot be described")
-        return EncoderDescription(replace(self.res.spec, layers=self.taps, size=self.res.size), str(self.cache_dir),
-                                  self.option, self.on_error, self.max_pixels)
+        # An absolute cache folder: a process started elsewhere (a worker's cwd) finds the same graphs.
+        return EncoderDescription(replace(self.res.spec, layers=self.taps, size=self.res.size),
+                                  str(self.cache_dir.absolute()), self.option, self.on_error, self.max_pixels)
 
     @property
     def size(self) -> int:
