@@ -188,3 +188,15 @@ def time_engines(spec: FeatureSpec, images, engines=("tensorflow", "onnxruntime"
             best = max(best, len(batch) / (time.perf_counter() - t1))
         out[enc.engine] = {"images_per_second": round(best, 1), "setup_seconds": round(setup, 2)}
     return out
+
+
+def extract_views(ds: Dataset, spec: FeatureSpec, views, run: RunSettings, test_too: bool = False) -> list[Summary]:
+    """Store the vectors of augmented views (featurecache/augment.py) of the training images, and of the
+    test images only when `test_too` (test-time augmentation): views never reach test rows otherwise."""
+    from dataclasses import replace
+
+    from . import augment
+    from .extract import run_extract
+
+    sources = [ds.train.images, ds.test.images] if test_too else [ds.train.images]
+    return [run_extract(sources, replace(spec, view=v), run, ds.native_size())[1] for v in augment.check(views)]

@@ -13,12 +13,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .api import DataOptions, default_cache_dir, default_engine, extract_dataset
+from .api import DataOptions, default_cache_dir, default_engine, extract_dataset, extract_views
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
-from .options import (DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, RUN, SWEEP_FEATURES, BatchSize, CacheDir, DataDir,
-                      Engine, Json, MaxTest, MaxTrain, Model, Normalize, Quiet, RunOptions, Seed, Size, TestSize,
+from .options import (DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, SWEEP_FEATURES, Augment, BatchSize, CacheDir,
+                      DataDir, Engine, Json, MaxTest, MaxTrain, Model, Normalize, Quiet, Seed, Size, TestSize, Tta,
                       takes)
+from .settings import RunSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top. Defaults for "
@@ -91,12 +92,14 @@ def layers(model: Model, size: Size = None, cache_dir: CacheDir = None, as_json:
 # ---- extraction -------------------------------------------------------------------------------------
 @app.command("extract")
 @takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
-def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Json = False):
+def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, augment: Augment = None, tta: Tta = False,
+                as_json: Json = False):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
     ds = data.load()
     _, summary = extract_dataset(ds, spec, run.cache_dir, run.batch_size, progress=run.progress, log=_log,
                                  on_error=run.on_error, engine=run.engine, executor=run.executor,
                                  cluster=run.cluster)
+    views = extract_views(ds, spec, augment, run, test_too=tta) if augment else []
     out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(run.cache_dir))
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
              f"{spec.model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
@@ -105,6 +108,10 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: 
     for s in summary.sets:
         lines.append(f"  {s['layer']:<24} set {s['id']}  dims {s['dims']:>6}  computed {s['computed']:>6}  "
                      f"reused {s['reused']:>6}")
+    for view, v in zip(augment or [], views):
+        out.setdefault("views", {})[view] = v.as_dict()
+        lines.append(f"  view {view}: {v.images} {'training and test' if tta else 'training'} images, "
+                     f"computed {v.computed}, {v.seconds:.2f} s")
     if summary.skipped:
         lines.append(f"skipped {len(summary.skipped)} unreadable image(s), left out of the feature set and of fit:")
         lines += [f"  {s['reason']}" for s in summary.skipped]
@@ -113,7 +120,7 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: 
 
 @app.command("plan")
 @takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
-def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Json = False):
+def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, as_json: Json = False):
     """Before extracting: images to compute after the cache, expected time (short measured warm-up), disk size."""
     from .plan import describe, plan
 
@@ -125,8 +132,8 @@ def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions, as_json: Jso
 
 # ---- heads ------------------------------------------------------------------------------------------
 @app.command()
-@takes(data=DATA, spec=FIT_FEATURES, run=RUN)
-def fit(data: DataOptions, spec: FeatureSpec, run: RunOptions,
+@takes(data=DATA, spec=FIT_FEATURES, run=EXTRACT_RUN)
+def fit(data: DataOptions, spec: FeatureSpec, run: RunSettings,
         head: Annotated[str, typer.Option("--head", help="linsvc | svc | logreg | mlp | ridge | sgd | knn | "
                                                          "rf.")] = "linsvc",
         normalize: Normalize = "auto",
@@ -144,15 +151,14 @@ def fit(data: DataOptions, spec: FeatureSpec, run: RunOptions,
         do_extract: Annotated[bool, typer.Option("--extract", help="Extract missing features first "
                                                                    "instead of failing.")] = False,
         notes: Annotated[str, typer.Option("--notes", help="Free text stored with the run.")] = "",
-        as_json: Json = False):
+        augment: Augment = None, tta: Tta = False, as_json: Json = False):
     """Fit a head on cached features, evaluate it, save it as a run and add it to the ledger."""
     from .fit import describe, fit_head
 
     options = {"C": C, "kernel": kernel, "hidden": hidden, "max_iter": max_iter, "max_depth": max_depth,
                "k": k, "calibrate": calibrate or None}
     record = fit_head(data, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
-                      grid or [], run.cache_dir, compute=do_extract, batch_size=run.batch_size,
-                      progress=run.progress, notes=notes, log=_log, engine=run.engine, on_error=run.on_error)
+                      grid or [], run, compute=do_extract, notes=notes, augment=tuple(augment or ()), tta=tta)
     m = record["metrics"]
     if as_json:
         print(json.dumps({k: record[k] for k in ("run_id", "head", "features", "dims", "fit_seconds", "n_train",
@@ -224,8 +230,8 @@ def classify(files: Annotated[list[Path], typer.Argument(help="Image files.")],
 
 
 @app.command("sweep")
-@takes(data=DATA, spec=SWEEP_FEATURES, run=RUN)
-def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions,
+@takes(data=DATA, spec=SWEEP_FEATURES, run=EXTRACT_RUN)
+def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings,
               layers: Annotated[str, typer.Option("--layers", help="all (each stage's output), or L1,L2,... with "
                                                                    "`+` joining taps fitted together (L1+L2).")] = "all",
               pools: Annotated[Optional[str], typer.Option("--pools", help="Poolings to compare, e.g. "
@@ -236,7 +242,7 @@ def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions,
               validation: Annotated[float, typer.Option("--validation", min=0.05, max=0.5, help=(
                   "Fraction of the training images held out to compare configurations on; the test split "
                   "scores the chosen one only."))] = 0.2,
-              normalize: Normalize = "auto",
+              normalize: Normalize = "auto", augment: Augment = None, tta: Tta = False,
               plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG path [default: <cache>/sweep.png].")] = None,
               as_json: Json = False):
     """Compare taps, poolings, sizes and heads on a validation split; refit the best, test it once."""
@@ -246,10 +252,9 @@ def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunOptions,
         size_list = [int(s) for s in sizes.split(",")] if sizes else [None]
     except ValueError:
         raise FeatureCacheError(f"--sizes {sizes}: give whole numbers separated by commas, e.g. 32,64") from None
-    result = sweeps.sweep(data, spec, layers, size_list, [h.strip() for h in heads.split(",")], run.cache_dir,
-                          normalize, run.batch_size, progress=run.progress, log=_log, engine=run.engine,
-                          on_error=run.on_error, pools=[p.strip() for p in pools.split(",")] if pools else None,
-                          validation=validation)
+    result = sweeps.sweep(data, spec, layers, size_list, [h.strip() for h in heads.split(",")], run, normalize,
+                          pools=[p.strip() for p in pools.split(",")] if pools else None, validation=validation,
+                          augment=tuple(augment or ()), tta=tta)
     rows = result["rows"]
     path = sweeps.plot(rows, plot or run.cache_dir / "sweep.png",
                        f"{spec.model} ({spec.weights}) on {data.data}: validation accuracy by layer")
@@ -373,8 +378,9 @@ def cache_repair(set_ids: Annotated[list[str], typer.Argument(help="Sets to repa
 
 # ---- project file ---------------------------------------------------------------------------------
 @app.command()
-@takes(data=DATA, spec=FEATURES, run=RUN)
-def init(ctx: typer.Context, data: DataOptions, spec: FeatureSpec, run: RunOptions,
+@takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
+def init(ctx: typer.Context, data: DataOptions, spec: FeatureSpec, run: RunSettings,
+         augment: Augment = None, tta: Tta = False,
          force: Annotated[bool, typer.Option("--force", help="Replace an existing featurecache.toml.")] = False):
     """Write featurecache.toml here: the options given become every command's defaults in this folder."""
     from . import config

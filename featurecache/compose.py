@@ -84,8 +84,10 @@ def _complete(fs, ids: list[str]) -> bool:
     return not fs.missing([i for i in ids if i not in skipped])
 
 
-def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=None) -> Composed:
-    """The train and test matrices of `spec`'s taps and pooling for dataset `ds`, from the cache.
+def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=None,
+           splits: tuple[str, ...] = ("train", "test")) -> Composed:
+    """The train and test matrices of `spec`'s taps and pooling for dataset `ds`, from the cache
+    (`splits`: only those; an augmented view (`spec.view`) is gathered for the training images alone).
 
     Images a set left out as unreadable are dropped from `ds` itself (labels stay aligned); sets that
     left out different images cannot share a row and are refused, naming both.
@@ -97,7 +99,7 @@ def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=
     candidates = ([pool] if pool in views.STORED else []) + (["flatten"] if pool != "flatten" else [])
     resolved = {c: resolve(stored_spec(spec, c), native, run.cache_dir) for c in candidates}
     first = resolved[candidates[0]]
-    ids = ds.train.images.ids + ds.test.images.ids
+    ids = [i for split in splits for i in getattr(ds, split).images.ids]
     chosen: dict[str, tuple[str, str]] = {}  # layer -> (stored pooling, source)
     for layer in first.layers:
         for c in candidates:
@@ -112,8 +114,8 @@ def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=
                                                      resolved, store, ids))
         from .extract import run_extract
 
-        run_extract([ds.train.images, ds.test.images], replace(stored_spec(spec, extract_pool),
-                                                                layers=tuple(lacking)), run, native)
+        run_extract([getattr(ds, split).images for split in splits],
+                    replace(stored_spec(spec, extract_pool), layers=tuple(lacking)), run, native)
         chosen.update({layer: (extract_pool, "extracted") for layer in lacking})
     shapes = _shapes(first, run.cache_dir)
     blocks = []
@@ -122,14 +124,11 @@ def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=
         blocks.append(Block(layer, pool, stored, resolved[stored].set_ids[layer], shapes[layer],
                             views.dims(shapes[layer], pool), source))
     _drop_skipped(ds, [store.get(b.set_id) for b in blocks], run)
-    x = [_read(store.get(b.set_id), b, ds) for b in blocks]
-    x_train = x[0][0] if len(x) == 1 else np.hstack([t for t, _ in x])
-    x_test = x[0][1] if len(x) == 1 else np.hstack([t for _, t in x])
-    return Composed(first, blocks, x_train, x_test)
-
-
-def _read(fs, block: Block, ds) -> tuple[np.ndarray, np.ndarray]:
-    return block.rows(fs.gather(ds.train.images.ids)), block.rows(fs.gather(ds.test.images.ids))
+    out = {}
+    for split in splits:
+        parts = [b.rows(store.get(b.set_id).gather(getattr(ds, split).images.ids)) for b in blocks]
+        out[split] = parts[0] if len(parts) == 1 else np.hstack(parts)
+    return Composed(first, blocks, out.get("train"), out.get("test"))
 
 
 def _drop_skipped(ds, sets, run: RunSettings) -> None:
@@ -150,6 +149,7 @@ def _missing_message(spec, extract_pool, lacking, res, data, ds, run, resolved, 
 
     cmd = shlex.join(["featurecache", "extract", *(data.args() if data else ["--data", ds.name]),
                       *spec_args(replace(spec, pool=extract_pool, layers=tuple(lacking))),
+                      *(["--augment", spec.view] if spec.view else []),
                       *(["--cache-dir", str(run.cache_dir)] if run.cache_dir != default_cache_dir() else [])])
     if spec.pool != extract_pool:  # a view: say what the stored sets of that tap allow
         others = [p for p in views.STORED if p != "flatten" and

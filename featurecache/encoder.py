@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import augment
 from . import images as imagelib
 from .backbones import preprocess
 from .errors import FeatureCacheError
@@ -172,7 +173,8 @@ class Encoder:
     # ---- images -------------------------------------------------------------------------------------
     def decode(self, item, name: str | None = None) -> np.ndarray:
         """One item as the network's uint8 input (size, size, 3); raises FeatureCacheError naming it."""
-        return decode(item, name, self.res.size, self.res.resize, self.max_pixels)
+        rgb = decode(item, name, self.res.size, self.res.resize, self.max_pixels)
+        return augment.apply(rgb, self.res.spec.view) if self.res.spec is not None else rgb
 
     def prepare(self, items, names=None, keys=None) -> Batch:
         """Decode and resize a batch (no network): under on_error="fail" the first unreadable item

@@ -58,6 +58,9 @@ def _check_request(fmt: str, precision: str, record: dict) -> None:
         raise FeatureCacheError(f"--format {fmt}: unknown; use {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
         raise FeatureCacheError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    if record.get("tta"):
+        raise FeatureCacheError(f"--run {record['run_id']}: averages test-time views (--tta); export a run "
+                                "fitted without --tta")
     blocks = record.get("blocks") or []
     if len(blocks) > 1 or any(b["stored"] != b["pool"] for b in blocks):
         raise FeatureCacheError(f"--run {record['run_id']}: runs on several taps or on a fit-time pooling "

@@ -16,8 +16,10 @@ FORMAT = 1
 
 
 def feature_key(model: str, weights_id: str, layer: str, pool: str, size: int, resize: str,
-                preprocess: str, dtype: str = "float32", precision: str = "fp32") -> dict:
-    return {
+                preprocess: str, dtype: str = "float32", precision: str = "fp32", view: str = "") -> dict:
+    """`view`: an augmented view (featurecache/augment.py); absent from the key of the images themselves,
+    so sets made before views existed keep their ids."""
+    parts = {
         "format": FORMAT,
         "model": model,
         "weights": weights_id,
@@ -31,6 +33,7 @@ def feature_key(model: str, weights_id: str, layer: str, pool: str, size: int, r
         # Kernels and decoders that can move the numbers between releases.
         "libraries": versions.library_versions("tensorflow", "keras", "pillow"),
     }
+    return parts | {"view": view} if view else parts
 
 
 def key_id(parts: dict, spacing: bool = False) -> str:

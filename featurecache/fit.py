@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import compose
 from .api import DataOptions, default_engine
+from .errors import FeatureCacheError
 from .runs import evaluate, new_run_id, save_run, spec_dict
 from .settings import FeatureSpec, RunSettings
 
@@ -19,20 +21,39 @@ def normalization(normalize: str, taps: int) -> str:
 
 
 def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, normalize: str, pca: int | None,
-             grid: list[str], cache_dir: Path, compute: bool = False, batch_size: int = 64,
+             grid: list[str], cache_dir: Path | RunSettings, compute: bool = False, batch_size: int = 64,
              progress: bool = True, notes: str = "", log=print, engine: str | None = None,
-             on_error: str = "fail") -> dict:
+             on_error: str = "fail", augment: tuple[str, ...] = (), tta: bool = False) -> dict:
     """Fit `head` on the cached features of `spec` (one or more taps, a stored or derived pooling) for
-    `data`; returns the saved run record."""
+    `data`; returns the saved run record. `cache_dir`: the cache folder, or the whole RunSettings (then
+    batch_size, progress, log, engine and on_error come from it). `augment`: views whose training rows
+    are added (featurecache/augment.py); `tta`: test scores averaged over the image and its views."""
+    from . import augment as views_of
+
+    if tta and not augment:
+        raise FeatureCacheError("--tta averages over augmented views: give --augment too (e.g. --augment hflip)")
     ds = data.load()
-    run = RunSettings(cache_dir, engine or default_engine(), batch_size, progress, on_error, log)
+    run = cache_dir if isinstance(cache_dir, RunSettings) else \
+        RunSettings(cache_dir, engine or default_engine(), batch_size, progress, on_error, log)
+    cache_dir = run.cache_dir
     composed = compose.gather(ds, spec, run, compute, data)
-    return fit_composed(data, ds, spec, composed, head, options, normalize, pca, grid, cache_dir, notes)
+    extra = [compose.gather(ds, replace(spec, view=v), run, compute, data, ("train", "test") if tta else ("train",))
+             for v in views_of.check(augment)]
+    for v, c in zip(augment, extra):
+        if c.x_train.shape[1] != composed.x_train.shape[1]:
+            raise FeatureCacheError(f"--augment {v}: its rows have {c.x_train.shape[1]} columns, the images' "
+                                    f"{composed.x_train.shape[1]}; extract both with the same --pool")
+    return fit_composed(data, ds, spec, composed, head, options, normalize, pca, grid, cache_dir, notes,
+                        dict(zip(augment, extra)), tta)
 
 
 def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Composed, head: str, options: dict,
-                 normalize: str, pca: int | None, grid: list[str], cache_dir: Path, notes: str = "") -> dict:
-    """Fit, evaluate and save one head on matrices already gathered (a sweep gathers once for many heads)."""
+                 normalize: str, pca: int | None, grid: list[str], cache_dir: Path, notes: str = "",
+                 views: dict | None = None, tta: bool = False) -> dict:
+    """Fit, evaluate and save one head on matrices already gathered (a sweep gathers once for many heads).
+    `views`: {view: Composed} of augmented training rows (and test rows for `tta`)."""
+    import numpy as np
+
     from . import heads
     from .settings import calibrated
 
@@ -41,7 +62,9 @@ def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Com
     blocks = tuple(b.dims for b in composed.blocks)
     pipeline = heads.make_pipeline(head, heads.with_seed(head, options, data.seed), normalize, pca, blocks)
     search = heads.parse_grid(grid, pipeline, head=head) if grid else None
-    x_fit, y_fit = composed.x_train, ds.train.labels
+    views = views or {}
+    x_fit = np.vstack([composed.x_train, *(v.x_train for v in views.values())]) if views else composed.x_train
+    y_fit = np.concatenate([ds.train.labels] * (1 + len(views)))
     t0 = time.perf_counter()
     table = None
     if search:
@@ -49,7 +72,10 @@ def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Com
     else:
         heads.fit_pipeline(pipeline, x_fit, y_fit)
     fit_seconds = time.perf_counter() - t0
-    metrics = evaluate(pipeline, composed.x_train, ds.train.labels, composed.x_test, ds.test.labels, ds.class_names)
+    pred_test = heads.averaged(pipeline, [composed.x_test, *(v.x_test for v in views.values())]).top_labels[:, 0] \
+        if tta else None
+    metrics = evaluate(pipeline, composed.x_train, ds.train.labels, composed.x_test, ds.test.labels, ds.class_names,
+                       pred_test)
     res, first = composed.res, composed.blocks[0]
     record = {
         "data": ds.name, "data_options": vars(data), "dataset_fingerprint": ds.fingerprint(),
@@ -64,6 +90,7 @@ def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Com
                         if k.startswith("head__")},
         "library": heads.HEADS[head].library,
         "grid": [{"params": p, "mean": m, "std": s} for p, m, s in table] if table else None,
+        "augment": list(views), "tta": tta, "n_train_images": len(ds.train),
         "fit_seconds": round(fit_seconds, 3), "notes": notes, "metrics": metrics,
     }
     run_id = new_run_id(head)

@@ -77,6 +77,19 @@ Normalize = Annotated[Literal["auto", "l2", "l2-per-tap", "standard", "none"], t
                         "then the row) for several.")]
 
 
+def _views(values):
+    from .augment import check
+
+    return list(check(values or []))
+
+
+Augment = Annotated[Optional[list[str]], typer.Option(
+    "--augment", callback=_views, help="Augmented views (repeatable; hflip): extract stores the training images' "
+                                       "vectors of each view; fit adds them as training rows.")]
+Tta = Annotated[bool, typer.Option("--tta", help="With --augment: the test images' views too (extract), and test "
+                                                 "scores averaged over each image and its views (fit).")]
+
+
 def _fit_pool(value: str) -> str:
     from .views import check
 
@@ -108,35 +121,20 @@ def _features(v: dict):
                        v["resize"], v["preprocess"], v["seed"], v["precision"])
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """How a run goes, never what it computes: none of these changes a vector."""
-    cache_dir: Path
-    engine: str = "auto"
-    batch_size: int = 64
-    progress: bool = True
-    on_error: str = "fail"
-    executor: str = "local"  # where batches are encoded: local | ray (featurecache/cluster.py)
-    ray_address: str | None = None
-    workers: int | None = None
-    threads_per_worker: int = 1
+def _run(v: dict):
+    """settings.RunSettings from the run options; `--executor ray` adds where and how wide."""
+    from .api import default_cache_dir, default_engine
+    from .settings import RunSettings
 
-    @property
-    def cluster(self):
-        """The `--executor ray` settings as featurecache.cluster.ClusterSettings."""
+    cluster = None
+    if v.get("executor", "local") == "ray":
         from .cluster import ClusterSettings
 
-        return ClusterSettings(self.ray_address, self.workers, self.threads_per_worker)
-
-
-def _run(v: dict) -> RunOptions:
-    from .api import default_cache_dir, default_engine
-
-    return RunOptions(Path(v["cache_dir"]) if v.get("cache_dir") else default_cache_dir(),
-                      v.get("engine") or default_engine(), v.get("batch_size", 64),
-                      not v.get("quiet", False) and not v.get("as_json", False), v.get("on_error", "fail"),
-                      v.get("executor", "local"), v.get("ray_address"), v.get("workers"),
-                      v.get("threads_per_worker", 1))
+        cluster = ClusterSettings(v.get("ray_address"), v.get("workers"), v.get("threads_per_worker", 1))
+    return RunSettings(Path(v["cache_dir"]) if v.get("cache_dir") else default_cache_dir(),
+                       v.get("engine") or default_engine(), v.get("batch_size", 64),
+                       not v.get("quiet", False) and not v.get("as_json", False), v.get("on_error", "fail"),
+                       None, v.get("executor", "local"), cluster)
 
 
 REQUIRED = inspect.Parameter.empty

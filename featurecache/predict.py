@@ -34,33 +34,39 @@ def run_blocks(record: dict) -> list[Block]:
     return [Block(record["layer"], pool, pool, record["feature_set"], (), record["dims"])]
 
 
-def stored_specs(record: dict) -> dict[str, FeatureSpec]:
-    """Stored pooling -> the spec that extracts (or finds) the run's taps stored that way."""
+def stored_specs(record: dict, view: str = "") -> dict[str, FeatureSpec]:
+    """Stored pooling -> the spec that extracts (or finds) the run's taps stored that way (of a view)."""
     spec, blocks = run_spec(record), run_blocks(record)
-    return {pool: replace(spec, pool=pool, layers=tuple(b.layer for b in blocks if b.stored == pool))
+    return {pool: replace(spec, pool=pool, layers=tuple(b.layer for b in blocks if b.stored == pool), view=view)
             for pool in dict.fromkeys(b.stored for b in blocks)}
 
 
+def run_views(record: dict) -> list[str]:
+    """The views a run's test images are scored on: the images, and their augmented views with --tta."""
+    return ["", *record.get("augment", [])] if record.get("tta") else [""]
+
+
 def features_for_files(paths: list[Path], record: dict, cache_dir: Path, batch_size: int = 64,
-                       progress: bool = False, log=None, engine: str = "auto") -> np.ndarray:
-    """The run's rows for `paths`; new images are computed and stored too."""
+                       progress: bool = False, log=None, engine: str = "auto", view: str = "") -> np.ndarray:
+    """The run's rows for `paths` (or for their `view`); new images are computed and stored too."""
     for p in paths:
         if not Path(p).is_file():
             raise FeatureCacheError(f"{p}: no such file")
     files = FileImages([Path(p) for p in paths])
     run = RunSettings(cache_dir, engine, batch_size, progress, log=log)
     stored = {}
-    for spec in stored_specs(record).values():
+    for spec in stored_specs(record, view).values():
         res, _ = run_extract([files], spec, run)
         stored.update({layer: FeatureStore(cache_dir).get(res.set_ids[layer]).gather(files.ids)
                        for layer in spec.layers})
     return rows(run_blocks(record), stored)
 
 
-def label_rows(names: list[str], pipeline, x: np.ndarray, class_names: list[str], top: int) -> list[dict]:
-    from .heads import scores
+def label_rows(names: list[str], pipeline, x, class_names: list[str], top: int) -> list[dict]:
+    """`x`: the rows, or a list of the rows of several views (--tta runs), whose scores are averaged."""
+    from .heads import averaged
 
-    s = scores(pipeline, x)
+    s = averaged(pipeline, x if isinstance(x, list) else [x])
     rows = []
     for name, row in zip(names, s.values):
         order = np.argsort(-row)[:max(top, 1)]
@@ -73,5 +79,6 @@ def label_rows(names: list[str], pipeline, x: np.ndarray, class_names: list[str]
 def predict_files(paths: list[Path], run_id: str, cache_dir: Path, top: int = 1, batch_size: int = 64,
                   progress: bool = False, log=None, engine: str = "auto") -> list[dict]:
     record, pipeline = load_head(cache_dir, run_id)
-    x = features_for_files(paths, record, cache_dir, batch_size, progress, log, engine)
-    return label_rows([str(p) for p in paths], pipeline, x, record["class_names"], top)
+    xs = [features_for_files(paths, record, cache_dir, batch_size, progress, log, engine, view)
+          for view in run_views(record)]
+    return label_rows([str(p) for p in paths], pipeline, xs, record["class_names"], top)

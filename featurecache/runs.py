@@ -33,11 +33,12 @@ def new_run_id(head: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{head}-{secrets.token_hex(2)}"
 
 
-def evaluate(pipeline, x_train, y_train, x_test, y_test, class_names) -> dict:
+def evaluate(pipeline, x_train, y_train, x_test, y_test, class_names, pred_test=None) -> dict:
+    """`pred_test`: the test predictions when they are not the pipeline's on `x_test` alone (--tta)."""
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     labels = list(range(len(class_names)))
-    pred_test = pipeline.predict(x_test)
+    pred_test = pipeline.predict(x_test) if pred_test is None else pred_test
     report = classification_report(y_test, pred_test, labels=labels, target_names=list(class_names),
                                    output_dict=True, zero_division=0)
     return {

@@ -142,6 +142,9 @@ class Service:
         self.opts = opts
         cache = Path(opts.cache_dir)
         self.record, self.pipeline = load_head(cache, opts.run_id)
+        if self.record.get("tta"):
+            raise FeatureCacheError(f"run {opts.run_id} averages test-time views (--tta), which serve does not "
+                                    "compute; serve a run fitted without --tta (its --augment rows are fine)")
         self.blocks = run_blocks(self.record)
         specs = stored_specs(self.record)
         if len(specs) > 1:

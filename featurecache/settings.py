@@ -70,6 +70,7 @@ class FeatureSpec:
     seed: int = 0  # of random weights
     precision: str = "float32"  # or int8: a different feature set
     calibration: str = ""  # int8 only: id of the training-image sample it was calibrated on (`calibrated`)
+    view: str = ""  # an augmented view of the images (featurecache/augment.py): a set of its own
 
     @property
     def precision_setting(self) -> Precision:
@@ -154,7 +155,8 @@ class Resolved:
     def key(self, layer: str) -> dict:
         """The key parts of `layer`'s feature set: everything that changes its vectors."""
         return feature_key(self.backbone.name, self.weights.id, layer, self.pool, self.size, self.resize,
-                           self.preprocess_mode, precision=self.precision_setting.key())
+                           self.preprocess_mode, precision=self.precision_setting.key(),
+                           view=self.spec.view if self.spec is not None else "")
 
 
 def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Resolved:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import compose, views
-from .api import DataOptions, default_engine
+from .api import DataOptions
 from .backbones import get_backbone
 from .errors import FeatureCacheError
 from .fit import fit_head, normalization
@@ -55,16 +55,21 @@ def tap_sets(layers: str, names_all) -> list[tuple[str, ...]]:
 
 
 def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | None], heads: list[str],
-          cache_dir: Path, normalize: str = "auto", batch_size: int = 64, progress: bool = True,
-          log=print, engine: str | None = None, on_error: str = "fail", pools: list[str] | None = None,
-          validation: float = VALIDATION) -> dict:
+          run: RunSettings, normalize: str = "auto", pools: list[str] | None = None,
+          validation: float = VALIDATION, augment: tuple[str, ...] = (), tta: bool = False) -> dict:
     """Rows (one per size x taps x pooling x head, scored on validation) and the chosen configuration,
-    refitted on all training rows and evaluated once on the test split."""
+    refitted on all training rows and evaluated once on the test split. `augment`: views added as
+    training rows to every configuration (and, with `tta`, averaged over when scoring)."""
+    from . import augment as views_of
+    from .api import extract_views
     from .extract import run_extract
 
     backbone = get_backbone(spec.model)
     pools = [views.check(p) for p in (pools or [spec.pool])]
-    run = RunSettings(cache_dir, engine or default_engine(), batch_size, progress, on_error, log)
+    augment = views_of.check(augment)
+    if tta and not augment:
+        raise FeatureCacheError("--tta averages over augmented views: give --augment too (e.g. --augment hflip)")
+    cache_dir, log = run.cache_dir, run.say
     ds = data.load()
     rows, skipped = [], []
     for size in sizes:
@@ -81,6 +86,7 @@ def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | N
         for stored in dict.fromkeys(views.source_pool(p) for p in pools):  # one pass per stored pooling
             run_extract([ds.train.images, ds.test.images], replace(base, layers=taps, pool=stored), run,
                         ds.native_size())
+            extract_views(ds, replace(base, layers=taps, pool=stored), augment, run, test_too=tta)
         extract_seconds = time.perf_counter() - t0
         for combo in combos:
             for pool in pools:
@@ -90,40 +96,47 @@ def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | N
                     skipped.append({"layer": "+".join(combo), "pool": pool, "size": size, "reason": str(e)})
                     log(f"  skipped {'+'.join(combo)} {pool}: {e}")
                     continue
+                extra = [compose.gather(ds, replace(base, layers=combo, pool=pool, view=v), run, splits=("train",))
+                         .x_train for v in augment]
                 train, val = train_test_indices(ds.train.labels, data.seed, test_size=validation)
                 for head in heads:
-                    rows.append(dict(_validate(composed, ds.train.labels, train, val, head, normalize, data.seed),
+                    rows.append(dict(_validate(composed.x_train, extra, composed.blocks, ds.train.labels, train, val,
+                                               head, normalize, data.seed, tta),
                                      layer="+".join(combo), pool=pool, size=composed.res.size,
                                      extract_seconds=round(extract_seconds, 1)))
                     r = rows[-1]
                     log(f"  {r['layer']:<28} {r['pool']:<8} {r['size']:>4}px {head:<7} dims {r['dims']:>6}  "
                         f"validation {r['val_accuracy']:.4f}")
-                del composed
+                del composed, extra
     if not rows:
         raise FeatureCacheError("sweep: no configuration could be fitted: " + "; ".join(s["reason"] for s in skipped))
     best = max(rows, key=lambda r: r["val_accuracy"])
     record = fit_head(data, replace(spec, layers=tuple(best["layer"].split("+")), pool=best["pool"],
                                     size=best["size"]), best["head"], {}, normalize, None, [], cache_dir,
-                      progress=False, notes="sweep: chosen on validation", log=log, engine=run.engine)
+                      progress=False, notes="sweep: chosen on validation", log=log, engine=run.engine,
+                      augment=augment, tta=tta)
     chosen = dict(best, run_id=record["run_id"], test_accuracy=record["metrics"]["test_accuracy"],
                   train_accuracy=record["metrics"]["train_accuracy"], fit_seconds_full=record["fit_seconds"])
     return {"rows": rows, "chosen": chosen, "skipped": skipped, "validation": {"fraction": validation, "n_fit": len(train),
                                                            "n_validation": len(val), "seed": data.seed}}
 
 
-def _validate(composed, labels, train, val, head: str, normalize: str, seed: int) -> dict:
-    """Fit on the training rows less the validation split, score on the validation split."""
+def _validate(x, extra, blocks, labels, train, val, head: str, normalize: str, seed: int, tta: bool) -> dict:
+    """Fit on the training rows less the validation split (plus their augmented views' rows), score on
+    the validation split (averaged over the views with `tta`)."""
     from . import heads
 
-    blocks = tuple(b.dims for b in composed.blocks)
+    widths = tuple(b.dims for b in blocks)
     pipeline = heads.make_pipeline(head, heads.with_seed(head, {}, seed),
-                                   normalization(normalize, len(blocks)), None, blocks)
+                                   normalization(normalize, len(widths)), None, widths)
+    x_fit = np.vstack([x[train], *(v[train] for v in extra)]) if extra else x[train]
     t0 = time.perf_counter()
-    heads.fit_pipeline(pipeline, composed.x_train[train], labels[train])
+    heads.fit_pipeline(pipeline, x_fit, np.concatenate([labels[train]] * (1 + len(extra))))
     fit_seconds = time.perf_counter() - t0
-    accuracy = float(np.mean(pipeline.predict(composed.x_train[val]) == labels[val]))
-    return {"head": head, "dims": int(composed.x_train.shape[1]), "fit_seconds": round(fit_seconds, 3),
-            "val_accuracy": accuracy}
+    scored = [x[val], *(v[val] for v in extra)] if tta else [x[val]]
+    predicted = heads.averaged(pipeline, scored).top_labels[:, 0]
+    return {"head": head, "dims": int(x.shape[1]), "fit_seconds": round(fit_seconds, 3),
+            "val_accuracy": float(np.mean(predicted == labels[val]))}
 
 
 def recommend(result: dict) -> str:

@@ -112,3 +112,39 @@ def test_l2_per_tap_gives_each_tap_unit_norm_then_the_row():
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="add up to 5 columns"):
         L2Normalizer(blocks=(4, 1)).fit_transform(x)
+
+
+def test_augmented_views_are_training_rows_of_their_own_set_and_reach_test_rows_only_with_tta(photos, tmp_path):
+    from featurecache.fingerprint import feature_key, key_id
+    from featurecache.predict import predict_files
+    from featurecache.runs import load_head
+
+    common = ["--data", photos, *FEATS, "--layer", "block4_pool", "--pool", "avg"]
+    ex = json.loads(run_cli("extract", *common, "--augment", "hflip", "--json", cache_dir=tmp_path, check=True).stdout)
+    ds = DataOptions(str(photos)).load()
+    assert ex["views"]["hflip"]["images"] == len(ds.train)  # the test images get no view without --tta
+    hflip_set = ex["views"]["hflip"]["sets"][0]["id"]
+    assert hflip_set != ex["sets"][0]["id"]
+    key = feature_key("m", "w", "l", "avg", 64, "nearest", "caffe")
+    assert "view" not in key and key_id(key) != key_id(feature_key("m", "w", "l", "avg", 64, "nearest", "caffe",
+                                                                     view="hflip"))
+    fit = json.loads(run_cli("fit", *common, "--augment", "hflip", "--json", cache_dir=tmp_path, check=True).stdout)
+    assert fit["n_train"] == 2 * len(ds.train)
+    tta = run_cli("fit", *common, "--augment", "hflip", "--tta", "--json", cache_dir=tmp_path)
+    assert tta.returncode == 2 and "no cached features" in error_line(tta) and "--augment hflip" in tta.stderr
+    run_cli("extract", *common, "--augment", "hflip", "--tta", "--quiet", cache_dir=tmp_path, check=True)
+    record = json.loads(run_cli("fit", *common, "--augment", "hflip", "--tta", "--head", "logreg", "--json",
+                                cache_dir=tmp_path, check=True).stdout)
+    saved, pipeline = load_head(tmp_path, record["run_id"])
+    assert saved["tta"] and saved["augment"] == ["hflip"]
+    # predict averages the image's and its mirror's probabilities, as the fit's test evaluation did
+    files = [photos / ds.test.images.name(k) for k in range(3)]
+    got = predict_files(files, record["run_id"], tmp_path)
+    from featurecache.predict import features_for_files
+
+    xs = [features_for_files(files, saved, tmp_path, view=v) for v in ("", "hflip")]
+    want = (pipeline.predict_proba(xs[0]) + pipeline.predict_proba(xs[1])) / 2
+    np.testing.assert_allclose([r["score"] for r in got], want.max(axis=1), rtol=1e-5)
+    assert "--tta" in error_line(run_cli("fit", *common, "--tta", cache_dir=tmp_path))
+    serve = run_cli("serve", "--run", record["run_id"], cache_dir=tmp_path)
+    assert serve.returncode == 2 and "--tta" in error_line(serve)

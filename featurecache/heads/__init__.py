@@ -27,7 +27,7 @@ from .linsvc import FastLinearSVC, squared_hinge_objective
 from .normalize import L2Normalizer
 from .options import OPTIONS, Option, option_flag
 from .registry import HEADS, Head, head_names, make_head, make_pipeline, with_seed
-from .tuning import Scores, check_train_labels, fit_pipeline, grid_search, parse_grid, resolve_grid, scores
+from .tuning import Scores, averaged, check_train_labels, fit_pipeline, grid_search, parse_grid, resolve_grid, scores
 
 __all__ = [
     "HEADS",
@@ -38,6 +38,7 @@ __all__ = [
     "FastLinearSVC",
     "L2Normalizer",
     "Scores",
+    "averaged",
     "check_train_labels",
     "fit_pipeline",
     "grid_search",

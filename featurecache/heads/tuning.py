@@ -188,10 +188,16 @@ class Scores(NamedTuple):
 
 def scores(pipeline, X, top: int = 5) -> Scores:
     """Scores for prediction: probabilities where the head has them, else decision values."""
+    return averaged(pipeline, [X], top)
+
+
+def averaged(pipeline, views, top: int = 5) -> Scores:
+    """`scores` averaged over several views of the same rows (test-time augmentation: the images and,
+    row for row, their augmented views)."""
     if hasattr(pipeline, "predict_proba"):
-        kind, values = "probability", np.asarray(pipeline.predict_proba(X))
+        kind, values = "probability", np.mean([np.asarray(pipeline.predict_proba(X)) for X in views], axis=0)
     elif hasattr(pipeline, "decision_function"):
-        kind, values = "decision", np.asarray(pipeline.decision_function(X))
+        kind, values = "decision", np.mean([np.asarray(pipeline.decision_function(X)) for X in views], axis=0)
         if values.ndim == 1:
             values = np.column_stack([-values, values])
     else:
