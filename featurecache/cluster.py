@@ -46,7 +46,7 @@ READ_CHUNK = 256  # images per read task: one block; bounds the bytes a read hol
 @dataclass(frozen=True)
 class ClusterSettings:
     """Where `--executor ray` runs and how wide; none of these changes a vector or a key."""
-    address: str | None = None  # None: a local Ray for this run; "auto"; "host:port"; "ray://host:port"
+    address: str | None = None  # None: $RAY_ADDRESS, else a local Ray for the run; auto; HOST:PORT; ray://HOST:PORT
     workers: int | None = None  # encoder actors; None: fill the cluster (its CPUs // threads_per_worker)
     threads_per_worker: int = 1  # CPUs each actor reserves, and the threads its engine runs
 
@@ -55,6 +55,11 @@ class ClusterSettings:
             raise FeatureCacheError(f"--workers {self.workers}: must be at least 1")
         if self.threads_per_worker < 1:
             raise FeatureCacheError(f"--threads-per-worker {self.threads_per_worker}: must be at least 1")
+
+    @property
+    def target(self) -> str | None:
+        """The cluster to join, as Ray finds it: the address given, else $RAY_ADDRESS; None: start one."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def require_ray():
@@ -95,8 +100,8 @@ def probe(address: str, timeout: float = PROBE_SECONDS) -> None:
 def check(cluster: ClusterSettings) -> None:
     """Everything that can fail before any work: Ray installed, the address answering."""
     require_ray()
-    if cluster.address:
-        probe(cluster.address)
+    if cluster.target:
+        probe(cluster.target)
 
 
 def _debug() -> bool:
@@ -133,13 +138,14 @@ def connected(cluster: ClusterSettings, log=None):
     debug = _debug()
     common = dict(log_to_driver=debug, logging_level=logging.INFO if debug else logging.ERROR,
                   configure_logging=True)
-    if cluster.address:
-        probe(cluster.address)
+    address = cluster.target
+    if address:
+        probe(address)
         try:
-            ray.init(address=cluster.address, **common)
+            ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise FeatureCacheError(f"--ray-address {cluster.address}: cannot join the Ray cluster ({first})") from None
+            raise FeatureCacheError(f"--ray-address {address}: cannot join the Ray cluster ({first})") from None
     else:
         from .engines import threads
 
@@ -298,9 +304,15 @@ def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int,
     they arrive, each image once. The driver's `encoder` is loaded (its graph converted) and shipped."""
     with connected(cluster, log) as ray:
         graph = graph_files(encoder)
-        refs = [ray.put(s) for s in src.sources]  # once each; read tasks take what they need
         _, workers = _workers(ray, cluster)
-        ds = ray.data.read_datasource(_datasource(ray, refs, _chunks(src, positions, READ_CHUNK)), num_cpus=0)  # reading is I/O: no CPU held
+        seen: set[str] = set()
+        if _client(ray):
+            yield from (_unique(rows, encoder.taps, seen) for rows in _from_client(ray, encoder, graph, src, positions,
+                                                                                   batch_size, cluster, workers))
+            return
+        refs = [ray.put(s) for s in src.sources]  # once each; read tasks take what they need
+        chunks = _chunks(src, positions, READ_CHUNK)
+        ds = ray.data.read_datasource(_datasource(ray, refs, chunks), num_cpus=0)  # reading is I/O: no CPU held
         ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
                             num_cpus=cluster.threads_per_worker, zero_copy_batch=True,
                             fn_constructor_args=(encoder.description, ray.put(graph) if graph else None,
@@ -308,12 +320,50 @@ def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int,
         # Ray Data's actors restart without limit and retry the batches of a dead one (max_restarts=-1,
         # max_task_retries=-1 are its defaults; passing them again is deprecated). A batch that was
         # delivered before its actor died and then retried arrives twice: `_unique` drops the copy.
-        seen: set[str] = set()
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 yield _unique(block, encoder.taps, seen)
         except Exception as e:  # a worker's FeatureCacheError stays one line; anything else says where
             raise _one_line(e) from None
+
+
+def _client(ray) -> bool:
+    """Whether this driver joined through Ray Client (ray://): it then runs outside the cluster."""
+    import ray.util.client
+
+    return ray.util.client.ray.is_connected()
+
+
+def _from_client(ray, encoder: Encoder, graph, src, positions: list[int], batch_size: int,
+                 cluster: ClusterSettings, workers: int) -> Iterator[dict]:
+    """Ray Client (ray://): no read task can run on this machine, which is not part of the cluster, so
+    the driver reads each batch itself and sends it to an actor, keeping at most two per actor in flight
+    (memory bounded as with Ray Data). Actors restart, and a dead one's calls are retried, as there."""
+    actor_class = ray.remote(num_cpus=cluster.threads_per_worker, max_restarts=-1, max_task_retries=-1)(EncodeActor)
+    graph_ref = ray.put(graph) if graph else None
+    actors = [actor_class.remote(encoder.description, graph_ref, cluster.threads_per_worker) for _ in range(workers)]
+    todo = iter(_chunks(src, positions, batch_size))
+    flying: dict = {}  # call -> the actor running it
+
+    def send(actor) -> None:
+        chunk = next(todo, None)
+        if chunk is not None:
+            s, idx, keys = chunk
+            flying[actor.__call__.remote(_rows(src.sources[s], idx, keys))] = actor
+
+    try:
+        for actor in actors * 2:
+            send(actor)
+        while flying:
+            (ready,), _ = ray.wait(list(flying), num_returns=1)
+            actor = flying.pop(ready)
+            send(actor)
+            yield ray.get(ready)
+    except Exception as e:
+        raise _one_line(e) from None
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def estimate(encoder: Encoder, src, positions: list[int], batch_size: int, cluster: ClusterSettings,
