@@ -21,10 +21,11 @@ from .options import (DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, SWEEP_FEATURES,
                       takes)
 from .settings import RunSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# No rich markup: help texts say "[default: ...]" literally, which markup would swallow as a tag.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top. Defaults for "
                        "any option can live in featurecache.toml (`featurecache init`).")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and clean the feature cache.")
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and clean the feature cache.")
 app.add_typer(cache_app, name="cache")
 
 
