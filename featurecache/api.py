@@ -115,7 +115,7 @@ def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: Data
 
 def load_features(data: str = "digits", model: str = "vgg16", weights: str = "hed-bsds",
                   layer: str | None = None, pool: str = "flatten", size: int | None = None,
-                  resize: str = "nearest", preprocess: str = "auto", extract: bool = True,
+                  resize: str = "auto", preprocess: str = "auto", extract: bool = True,
                   cache_dir: str | Path | None = None, progress: bool = True, engine: str | None = None,
                   precision: str = "float32", **data_options):
     """(X_train, y_train, X_test, y_test, class_names) of one tap, extracting what is missing.

@@ -87,10 +87,11 @@ def decode(item, name: str | None, size: int, resize: str, max_pixels: int = ima
     """One item as uint8 (size, size, 3): every image reaches a backbone through here."""
     if callable(item) and not isinstance(item, np.ndarray):
         item = item()
+    target = size if resize == "auto" else None  # JPEG draft decoding is part of `auto` only (it moves pixels)
     if isinstance(item, (str, os.PathLike)):
-        rgb = imagelib.load_file(Path(item), max_pixels=max_pixels)
+        rgb = imagelib.load_file(Path(item), max_pixels=max_pixels, target=target)
     elif isinstance(item, (bytes, bytearray, memoryview)):
-        rgb = imagelib.decode_bytes(bytes(item), name or "image", max_pixels)
+        rgb = imagelib.decode_bytes(bytes(item), name or "image", max_pixels, target=target)
     elif isinstance(item, np.ndarray):
         rgb = imagelib.array_to_rgb(item, name or "array")
     else:

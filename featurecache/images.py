@@ -20,6 +20,12 @@ from .errors import FeatureCacheError
 MAX_PIXELS = 64_000_000
 
 RESIZE_METHODS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+# `auto` is not a filter but a rule, resolved per image from its own size (so always the same way):
+# nearest when no side shrinks (the classic recipe's upsizing of small images, pixels kept sharp),
+# Pillow's bilinear when one does, which widens its kernel with the scale factor (antialiased, like
+# Keras' `antialias=True` loaders) instead of sampling every n-th pixel and aliasing. JPEGs bound to
+# shrink are decoded at a reduced DCT scale first (`draft`), never below the target size.
+RESIZES = ("auto", *RESIZE_METHODS)
 
 
 def content_hash(data: bytes) -> str:
@@ -36,11 +42,14 @@ def array_hash(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def open_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bool = False) -> Image.Image:
+def open_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bool = False,
+               target: int | None = None) -> Image.Image:
     """Decode encoded bytes fully, upright (EXIF rotation applied), or fail naming `name`.
 
     draft=True lets a JPEG decode at 1/8 scale (2-4x faster, see docs/RELIABILITY.md); every byte is
-    still read, so truncation and corruption show just the same (for checking files, never for pixels)."""
+    still read, so truncation and corruption show just the same (for checking files, never for pixels).
+    target=N (resize `auto` only: it moves pixels, so it is part of that method) lets a JPEG decode at the
+    smallest DCT scale (1/2, 1/4, 1/8) that still leaves both sides at least N."""
     if not data:
         raise FeatureCacheError(f"{name}: empty file (0 bytes); remove it or replace it with an image")
     try:
@@ -55,6 +64,8 @@ def open_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bool
                 )
             if draft:
                 img.draft(None, (1, 1))
+            elif target:
+                img.draft(None, (target, target))
             img.load()
             return ImageOps.exif_transpose(img)
     except FeatureCacheError:
@@ -102,11 +113,20 @@ def array_to_rgb(arr: np.ndarray, name: str = "array") -> np.ndarray:
     return arr
 
 
+def resize_filter(shape: tuple, size: int, method: str) -> str:
+    """The filter `method` uses for an image of `shape` (h, w, ...) going to size x size: `auto` is
+    nearest unless a side shrinks, then bilinear (antialiased); nearest and bilinear are themselves."""
+    if method != "auto":
+        return method
+    return "bilinear" if shape[0] > size or shape[1] > size else "nearest"
+
+
 def resize(rgb: np.ndarray, size: int, method: str) -> np.ndarray:
     """Resize HxWx3 uint8 to size x size; a no-op when it already is."""
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size, size), RESIZE_METHODS[method]))
+    filt = RESIZE_METHODS[resize_filter(rgb.shape, size, method)]
+    return np.asarray(Image.fromarray(rgb).resize((size, size), filt))
 
 
 def read_file(path: Path) -> bytes:
@@ -116,9 +136,10 @@ def read_file(path: Path) -> bytes:
         raise FeatureCacheError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
 
 
-def decode_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bool = False) -> np.ndarray:
-    """Encoded bytes -> HxWx3 uint8, upright, or one FeatureCacheError naming `name`."""
-    img = open_image(data, name, max_pixels, draft=draft)
+def decode_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bool = False,
+                 target: int | None = None) -> np.ndarray:
+    """Encoded bytes -> HxWx3 uint8, upright, or one FeatureCacheError naming `name` (target: `open_image`)."""
+    img = open_image(data, name, max_pixels, draft=draft, target=target)
     try:
         return to_rgb(img)
     except (OSError, ValueError) as e:  # a mode Pillow opens but cannot convert
@@ -126,9 +147,9 @@ def decode_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS, draft: bo
                                 "convert it to RGB or greyscale") from e
 
 
-def load_file(path: Path, draft: bool = False, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 (draft: see `open_image`)."""
-    return decode_bytes(read_file(path), str(path), max_pixels, draft)
+def load_file(path: Path, draft: bool = False, max_pixels: int = MAX_PIXELS, target: int | None = None) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 (draft, target: see `open_image`)."""
+    return decode_bytes(read_file(path), str(path), max_pixels, draft, target)
 
 
 def check_file(path: Path) -> None:

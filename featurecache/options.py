@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 import typer
 
 POOLS = ("flatten", "avg", "max")
-RESIZES = ("nearest", "bilinear")
+RESIZES = ("auto", "nearest", "bilinear")
 PREPROCESSES = ("auto", "scale01")
 ENGINES = ("auto", "tensorflow", "onnxruntime", "openvino")
 PRECISIONS = ("float32", "int8")
@@ -43,7 +43,9 @@ Layers = Annotated[Optional[list[str]], typer.Option("--layer", help="Layer tap 
 Pool = Annotated[Literal["flatten", "avg", "max"], typer.Option("--pool", help="How a tap's map becomes a vector.")]
 Size = Annotated[Optional[int], typer.Option("--size", min=1, help="Input side in pixels (default: the images' "
                                                                    "own, raised to the model's minimum).")]
-Resize = Annotated[Literal["nearest", "bilinear"], typer.Option("--resize", help="How images reach --size.")]
+Resize = Annotated[Literal["auto", "nearest", "bilinear"], typer.Option(
+    "--resize", help="How images reach --size: auto (nearest when upsizing, antialiased bilinear when downsizing) "
+                     "| nearest | bilinear.")]
 Preprocess = Annotated[Literal["auto", "scale01"], typer.Option("--preprocess", help="auto (the model's own) | "
                                                                                      "scale01 (x/255).")]
 Precision = Annotated[Literal["float32", "int8"], typer.Option(
@@ -141,7 +143,7 @@ REQUIRED = inspect.Parameter.empty
 DATA = Group({"data": (Data, REQUIRED), "data_dir": (DataDir, None), "test_size": (TestSize, 0.25),
               "seed": (Seed, 0), "max_train": (MaxTrain, None), "max_test": (MaxTest, None)}, _data)
 FEATURES = Group({"model": (Model, "vgg16"), "weights": (Weights, "imagenet"), "layer": (Layers, None),
-                  "pool": (Pool, "flatten"), "size": (Size, None), "resize": (Resize, "nearest"),
+                  "pool": (Pool, "flatten"), "size": (Size, None), "resize": (Resize, "auto"),
                   "preprocess": (Preprocess, "auto"), "seed": (Seed, 0), "precision": (Precision, "float32")},
                  _features)
 # fit may also pool at fit time: views of a stored flattened map (featurecache/views.py).

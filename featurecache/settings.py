@@ -18,7 +18,7 @@ from .backbones.weights import Weights, resolve_weights
 from .errors import FeatureCacheError
 from .fingerprint import feature_key, key_id
 
-RESIZES = tuple(imagelib.RESIZE_METHODS)
+RESIZES = imagelib.RESIZES  # auto | nearest | bilinear
 ON_ERROR = ("fail", "skip")
 EXECUTORS = ("local", "ray")
 PRECISIONS = ("float32", "int8")
@@ -65,7 +65,7 @@ class FeatureSpec:
     layers: tuple[str, ...] = ()
     pool: str = "flatten"
     size: int | None = None
-    resize: str = "nearest"
+    resize: str = "auto"  # nearest upsizing, antialiased downsizing (images.resize_filter); sets keyed "auto"
     preprocess: str = "auto"
     seed: int = 0  # of random weights
     precision: str = "float32"  # or int8: a different feature set
@@ -176,7 +176,8 @@ def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Reso
     elif native_size < backbone.min_size:
         size = backbone.min_size
         notices.append(f"images are {native_size}x{native_size}, below {backbone.name}'s minimum; "
-                       f"upsizing to {size}x{size} ({spec.resize}); set --size to choose")
+                       f"upsizing to {size}x{size} "
+                       f"({imagelib.resize_filter((native_size, native_size), size, spec.resize)}); set --size to choose")
     else:
         size = native_size
     backbone.check_size(size)

@@ -16,7 +16,9 @@ from conftest import error_line, run_cli
 pytest.importorskip("skl2onnx")
 ort = pytest.importorskip("onnxruntime")
 
-DATA = ["--data", "digits", "--max-train", "60", "--max-test", "24"]
+# --resize nearest: the plain program below maps the metadata's method to a Pillow filter (auto, the
+# default, is a rule: nearest up, bilinear down).
+DATA = ["--data", "digits", "--max-train", "60", "--max-test", "24", "--resize", "nearest"]
 # Both runs read 8x8 digits at 32x32 (each backbone's minimum; nearest-neighbour upsizing).
 RUNS = {
     "linsvc": ["--model", "vgg16", "--weights", "random", "--layer", "block4_pool", "--head", "linsvc"],
