@@ -131,4 +131,10 @@ class Fleet:
             out.append({"set": fs.id, "served": served, "runs": self.runs_on(fs.id), "dims": dims,
                         "images": len(self.sets[fs.id].stored) if served else None,
                         "key": {k: v for k, v in key.items() if k != "libraries"}})
+        listed = {s["set"] for s in out}
+        for set_id, svc in self.sets.items():  # rows composed at fit time (several taps, a pooling view)
+            if set_id not in listed:
+                out.append({"set": set_id, "served": True, "runs": self.runs_on(set_id),
+                            "dims": svc.record.get("dims"), "images": len(svc.stored), "key": None,
+                            "composed_of": [b.set_id for b in getattr(svc, "blocks", ())]})
         return out

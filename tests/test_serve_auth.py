@@ -28,13 +28,13 @@ def fit(data, cache, *args) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Three runs behind one token: logreg and linsvc on one feature set, logreg on an avg-pooled one."""
+    """Three runs behind one token: logreg and linsvc on one feature set, logreg on another layer's."""
     root = tmp_path_factory.mktemp("serve-auth")
     data, new, cache = root / "digits", root / "new", root / "cache"
     write_digit_folder(data, 12)
     new_files = write_digit_folder(new, 2, offset=12)
     runs = [fit(data, cache, "--head", "logreg"), fit(data, cache, "--head", "linsvc"),
-            fit(data, cache, "--head", "logreg", "--pool", "avg")]
+            fit(data, cache, "--head", "logreg", "--layer", "block4_pool")]
     port = free_port()
     log_path = root / "server.log"
     log = open(log_path, "w")
@@ -158,7 +158,7 @@ def test_sets_lists_the_stored_sets_and_embed_refuses_a_set_the_run_does_not_hav
     sets = httpx.get(f"{server['url']}/sets", headers=AUTH).json()["sets"]
     by_id = {s["set"]: s for s in sets}
     assert by_id[set_of(server, first)]["runs"] == [first, second]
-    assert by_id[set_of(server, third)]["key"]["pool"] == "avg" and all(s["served"] for s in sets)
+    assert by_id[set_of(server, third)]["key"]["layer"] == "block4_pool" and all(s["served"] for s in sets)
     assert by_id[set_of(server, first)]["images"] >= 36
 
     image = server["new"][:1]
