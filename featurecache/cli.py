@@ -1,4 +1,6 @@
-"""The `featurecache` command line (typer). Each command is a thin layer over the modules it names."""
+"""The `featurecache` command line (typer): the pipeline's commands, and the entry point. Each command is
+a thin layer over the modules it names; the cache, project-file, export and serve commands are in
+featurecache/cli_admin.py, the shared apps and helpers in featurecache/cli_common.py."""
 
 from __future__ import annotations
 
@@ -13,45 +15,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .api import DataOptions, default_cache_dir, default_engine, extract_dataset, extract_views
+from .api import DataOptions, default_engine, extract_dataset, extract_views
+from .cli_common import app, cache_dir_of, emit, say
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
 from .options import (DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, SWEEP_FEATURES, Augment, BatchSize, CacheDir,
-                      DataDir, Engine, Json, MaxTest, MaxTrain, Model, Normalize, Quiet, Seed, Size, TestSize, Tta,
-                      takes)
+                      Engine, Json, Model, Normalize, Quiet, Size, Tta, takes)
 from .settings import RunSettings
-
-# No rich markup: help texts say "[default: ...]" literally, which markup would swallow as a tag.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Frozen CNN codes, memoized in HDF5, with light scikit-learn heads on top. Defaults for "
-                       "any option can live in featurecache.toml (`featurecache init`).")
-cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and clean the feature cache.")
-app.add_typer(cache_app, name="cache")
-
-
-@app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and the "
-                                                                  "engines' own log lines.")] = False):
-    if verbose:
-        from . import quiet
-
-        quiet.uninstall()
-
-
-def _cache(cache_dir: Optional[Path]) -> Path:
-    return Path(cache_dir) if cache_dir else default_cache_dir()
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-def _emit(obj, as_json: bool, text: str) -> None:
-    print(json.dumps(obj, indent=1) if as_json else text)
-
-
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 # ---- models and layers -------------------------------------------------------------------------------
@@ -70,7 +40,7 @@ def models(as_json: Json = False):
     text = "\n".join(f"{r['name']:<20} {r['family']:<18} min {r['min_size']:>3}  default {r['default_size']:>3}  "
                      f"tap {r['default_layer']:<22} preprocess {r['preprocess']:<6}\n{'':<20} weights: "
                      + "; ".join(r["weights"]) for r in rows)
-    _emit(rows, as_json, text)
+    emit(rows, as_json, text)
 
 
 @app.command()
@@ -81,13 +51,13 @@ def layers(model: Model, size: Size = None, cache_dir: CacheDir = None, as_json:
 
     backbone = get_backbone(model)
     size = size or backbone.default_size
-    taps = catalogue(backbone, size, _cache(cache_dir))
+    taps = catalogue(backbone, size, cache_dir_of(cache_dir))
     default = backbone.default_layer or taps[-1].name
     rows = [{"name": t.name, "shape": list(t.shape), "reduction": t.reduction, "flatten_dims": t.dims("flatten"),
              "pooled_dims": t.dims("avg"), "default": t.name == default} for t in taps]
     text = "\n".join(f"{t.name:<32} {str(t.shape):<16} flatten {t.dims('flatten'):>7}  avg/max {t.channels:>5}"
                      + ("   <- default" if t.name == default else "") for t in taps)
-    _emit({"model": model, "size": size, "layers": rows}, as_json, f"{model} at {size}x{size}:\n{text}")
+    emit({"model": model, "size": size, "layers": rows}, as_json, f"{model} at {size}x{size}:\n{text}")
 
 
 # ---- extraction -------------------------------------------------------------------------------------
@@ -97,7 +67,7 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, augment:
                 as_json: Json = False):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
     ds = data.load()
-    _, summary = extract_dataset(ds, spec, run.cache_dir, run.batch_size, progress=run.progress, log=_log,
+    _, summary = extract_dataset(ds, spec, run.cache_dir, run.batch_size, progress=run.progress, log=say,
                                  on_error=run.on_error, engine=run.engine, executor=run.executor,
                                  cluster=run.cluster)
     views = extract_views(ds, spec, augment, run, test_too=tta) if augment else []
@@ -105,7 +75,7 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, augment:
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
              f"{spec.model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
              + (f", {out['images_per_second']} images/s on {summary.engine}" if summary.computed else "")
-             + (", int8" if spec.precision == "int8" else "")]
+             + (f", {spec.precision}" if spec.precision != "float32" else "")]
     for s in summary.sets:
         lines.append(f"  {s['layer']:<24} set {s['id']}  dims {s['dims']:>6}  computed {s['computed']:>6}  "
                      f"reused {s['reused']:>6}")
@@ -116,7 +86,7 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, augment:
     if summary.skipped:
         lines.append(f"skipped {len(summary.skipped)} unreadable image(s), left out of the feature set and of fit:")
         lines += [f"  {s['reason']}" for s in summary.skipped]
-    _emit(out, as_json, "\n".join(lines))
+    emit(out, as_json, "\n".join(lines))
 
 
 @app.command("plan")
@@ -126,9 +96,9 @@ def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, as_json: Js
     from .plan import describe, plan
 
     ds = data.load()
-    out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=_log, executor=run.executor,
+    out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=say, executor=run.executor,
                cluster=run.cluster, on_error=run.on_error)
-    _emit(dict(out, dataset=ds.name), as_json, describe(out))
+    emit(dict(out, dataset=ds.name), as_json, describe(out))
 
 
 # ---- heads ------------------------------------------------------------------------------------------
@@ -152,14 +122,20 @@ def fit(data: DataOptions, spec: FeatureSpec, run: RunSettings,
         do_extract: Annotated[bool, typer.Option("--extract", help="Extract missing features first "
                                                                    "instead of failing.")] = False,
         notes: Annotated[str, typer.Option("--notes", help="Free text stored with the run.")] = "",
-        augment: Augment = None, tta: Tta = False, as_json: Json = False):
+        augment: Augment = None, tta: Tta = False,
+        max_memory: Annotated[Optional[str], typer.Option("--max-memory", help=(
+            "Largest training matrix to hold (e.g. 4GB) [default: 3/4 of this machine's memory]; past it, "
+            "a streaming head (sgd) reads the cache chunk by chunk, others say what to do."))] = None,
+        as_json: Json = False):
     """Fit a head on cached features, evaluate it, save it as a run and add it to the ledger."""
     from .fit import describe, fit_head
+    from .prune import parse_size
 
     options = {"C": C, "kernel": kernel, "hidden": hidden, "max_iter": max_iter, "max_depth": max_depth,
                "k": k, "calibrate": calibrate or None}
     record = fit_head(data, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
-                      grid or [], run, compute=do_extract, notes=notes, augment=tuple(augment or ()), tta=tta)
+                      grid or [], run, compute=do_extract, notes=notes, augment=tuple(augment or ()), tta=tta,
+                      max_memory=parse_size(max_memory, "--max-memory") if max_memory else None)
     m = record["metrics"]
     if as_json:
         print(json.dumps({k: record[k] for k in ("run_id", "head", "features", "dims", "fit_seconds", "n_train",
@@ -178,13 +154,13 @@ def report(fmt: Annotated[str, typer.Option("--format", help="table | markdown |
     from .report import render, plot_runs
     from .runs import read_ledger, runs_dir
 
-    cache = _cache(cache_dir)
+    cache = cache_dir_of(cache_dir)
     rows = read_ledger(cache)
     if not rows:
         raise FeatureCacheError(f"no runs in {runs_dir(cache)}; fit one with `featurecache fit`")
     print(render(rows, fmt))
     path = plot_runs(rows, plot or runs_dir(cache) / "report.png")
-    _log(f"plot: {path}")
+    say(f"plot: {path}")
 
 
 @app.command()
@@ -198,8 +174,8 @@ def predict(files: Annotated[list[Path], typer.Argument(help="Image files.")],
 
     if fmt not in ("text", "json", "csv"):
         raise FeatureCacheError(f"--format {fmt}: use text, json or csv")
-    rows = predict_files(files, run, _cache(cache_dir), top=top, batch_size=batch_size, progress=not quiet,
-                         log=_log, engine=engine or default_engine())
+    rows = predict_files(files, run, cache_dir_of(cache_dir), top=top, batch_size=batch_size, progress=not quiet,
+                         log=say, engine=engine or default_engine())
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -271,175 +247,19 @@ def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings,
     print(f"plot: {path}")
 
 
-# ---- cache ------------------------------------------------------------------------------------------
-@cache_app.command("ls")
-def cache_ls(cache_dir: CacheDir = None, as_json: Json = False,
-             graphs_only: Annotated[bool, typer.Option("--graphs", help="With --json: list the converted engine "
-                                                                        "graphs instead of the feature sets.")] = False):
-    """Feature sets with their key parts, image count and size on disk; converted graphs with their last use."""
-    from .store import FeatureStore
-
-    rows = []
-    for fs in FeatureStore(_cache(cache_dir)).all():
-        k = fs.key
-        rows.append({"id": fs.id, "model": k["model"], "weights": k["weights"], "layer": k["layer"],
-                     "pool": k["pool"], "size": k["size"], "resize": k["resize"], "preprocess": k["preprocess"],
-                     "dims": fs.dims, "images": len(fs), "parts": len(fs.part_files()), "bytes": fs.disk_bytes(),
-                     "key": k})
-    text = "\n".join(f"{r['id']}  {r['model']:<18} {r['layer']:<22} {r['pool']:<7} {r['size']:>4}px "
-                     f"{r['resize']:<8} {r['preprocess']:<7} {r['weights']:<28} dims {r['dims']:>6} "
-                     f"images {r['images']:>7}  {r['bytes'] / 1e6:8.1f} MB" for r in rows) or "(no feature sets)"
-    from .prune import graphs
-
-    converted = [e.as_dict() for e in graphs(_cache(cache_dir))]
-    text += "\nconverted graphs (`cache prune` removes the least recently used):\n" + ("\n".join(
-        f"{g['id']}  {g['bytes'] / 1e6:8.1f} MB  last used {_when(g['last_used'])}"
-        for g in converted) or "(none)")
-    _emit(converted if graphs_only else rows, as_json, text)
-
-
-@cache_app.command("rm")
-def cache_rm(set_ids: Annotated[list[str], typer.Argument(help="Feature-set ids (a unique prefix is enough).")],
-             cache_dir: CacheDir = None):
-    """Remove feature sets."""
-    from .store import FeatureStore
-
-    store = FeatureStore(_cache(cache_dir))
-    for sid in set_ids:
-        fs = store.find(sid)
-        store.remove(fs.id)
-        print(f"removed {fs.id}")
-
-
-@cache_app.command("prune")
-def cache_prune(cache_dir: CacheDir = None,
-                max_size: Annotated[Optional[str], typer.Option("--max-size", help="Keep at most this much, least "
-                                                                               "recently used first out (e.g. 5GB).")] = None,
-                older_than: Annotated[Optional[str], typer.Option("--older-than", help="Remove what was not used "
-                                                                                      "for this long (e.g. 30d).")] = None,
-                features: Annotated[bool, typer.Option("--features", help="Also feature sets (hours of work each), "
-                                                                          "never one being written.")] = False,
-                dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
-                as_json: Json = False):
-    """Remove least recently used converted graphs (and, with --features, feature sets) from the cache."""
-    from .prune import parse_age, parse_size, prune
-
-    out = prune(_cache(cache_dir), parse_size(max_size) if max_size else None,
-                parse_age(older_than) if older_than else None, features, dry_run)
-    verb = "would remove" if dry_run else "removed"
-    lines = [f"{verb} {e['kind']:<8} {e['id']}  {e['bytes'] / 1e6:8.1f} MB  last used {_when(e['last_used'])}"
-             for e in out["removed"]]
-    lines += [f"skipped  {e['kind']:<8} {e['id']}: {e['reason']}" for e in out["skipped"]]
-    lines.append(f"{verb} {out['freed_bytes'] / 1e6:.1f} MB; {out['kept_bytes'] / 1e6:.1f} MB kept")
-    _emit(out, as_json, "\n".join(lines))
-
-
-VerifyData = Annotated[Optional[str], typer.Option("--data", help="Also recompute a few stored rows from this "
-                                                                  "dataset's images (same form as extract's).")]
-Sample = Annotated[int, typer.Option("--sample", help="Rows to recompute per set with --data.")]
-
-
-def _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test):
-    from .store import FeatureStore
-
-    store = FeatureStore(_cache(cache_dir))
-    sets = [store.find(s) for s in set_ids] if set_ids else store.all()
-    ds = DataOptions(data, data_dir, test_size, seed, max_train, max_test).load() if data else None
-    return sets, ds
-
-
-@cache_app.command("verify")
-def cache_verify(set_ids: Annotated[Optional[list[str]], typer.Argument(help="Sets to check (default all).")] = None,
-                 cache_dir: CacheDir = None, data: VerifyData = None, sample: Sample = 8, data_dir: DataDir = None,
-                 test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None):
-    """Check feature sets: files readable, right configuration, shapes; with --data, recomputed rows match."""
-    from .verify import verify
-
-    sets, ds = _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test)
-    reports = [verify(fs, ds, sample, _cache(cache_dir)) for fs in sets]
-    for r in reports:
-        print(r.line())
-    bad = [r.set_id for r in reports if not r.ok]
-    if bad:
-        raise FeatureCacheError(f"{len(bad)} feature set(s) damaged; `featurecache cache repair {bad[0]}` moves "
-                                "damaged parts aside (the next extract recomputes their rows), `cache rm` removes a set")
-
-
-@cache_app.command("repair")
-def cache_repair(set_ids: Annotated[list[str], typer.Argument(help="Sets to repair.")], cache_dir: CacheDir = None,
-                 data: VerifyData = None, sample: Sample = 8, data_dir: DataDir = None, test_size: TestSize = 0.25,
-                 seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None):
-    """Move a set's damaged parts aside (into damaged/) so the next extract recomputes only their rows."""
-    from .verify import repair
-
-    sets, ds = _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test)
-    for fs in sets:
-        print(repair(fs, ds, sample, _cache(cache_dir), log=_log).line())
-
-
-# ---- project file ---------------------------------------------------------------------------------
-@app.command()
-@takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
-def init(ctx: typer.Context, data: DataOptions, spec: FeatureSpec, run: RunSettings,
-         augment: Augment = None, tta: Tta = False,
-         force: Annotated[bool, typer.Option("--force", help="Replace an existing featurecache.toml.")] = False):
-    """Write featurecache.toml here: the options given become every command's defaults in this folder."""
-    from . import config
-    from .datasets import BUILTINS
-
-    path = Path.cwd() / config.FILENAME
-    if path.exists() and not force:
-        raise FeatureCacheError(f"{path} exists; edit it, or replace it with `featurecache init --force ...`")
-    if data.data not in BUILTINS and not Path(data.data).expanduser().exists():
-        raise FeatureCacheError(f"--data {data.data}: no such path or dataset; give a folder of class subfolders, "
-                                f"an .npz, or one of: {', '.join(BUILTINS)}")
-    given = {config.key_of(p): ctx.params[p.name] for p in ctx.command.params
-             if config.key_of(p) and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
-    text = ("# featurecache project file: defaults for every command run in this folder or below it.\n"
-            "# Any option works as a key (without its dashes); a [fit] or [serve] table sets one command's.\n"
-            + config.render(given))
-    from .store import write_atomic
-
-    write_atomic(path, text)
-    print(f"wrote {path}:\n" + config.render(given), end="")
-
-
-@app.command("config", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def config_cmd(ctx: typer.Context,
-               command: Annotated[Optional[list[str]], typer.Argument(
-                   help="A command (fit, cache verify) and, if you like, its flags: shows what that call would "
-                        "use.")] = None,
-               as_json: Json = False):
-    """The option values in force here and where each comes from: flag, environment, file or default."""
-    from . import config
-
-    root = ctx.find_root()
-    words = list(command or []) + list(ctx.args)
-    rows = config.in_force(root, words)
-    found = config.find()
-    if as_json:
-        print(json.dumps({"file": str(found) if found else None, "values": rows}, indent=1))
-        return
-    print(f"project file: {found}" if found else
-          f"project file: none in {Path.cwd()} or above (`featurecache init --data D` writes one)")
-    for key, row in rows.items():
-        print(f"  {key:<14} = {json.dumps(row['value']):<28} {row['source']}")
-
-
 # ---- quickstart ----------------------------------------------------------------------------------
 @app.command()
 def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
     """Extract real CNN codes of scikit-learn's digits offline, fit a linear SVM, print the results."""
     from .fit import fit_head
 
-    cache = _cache(cache_dir)
+    cache = cache_dir_of(cache_dir)
     opts = DataOptions("digits")
     spec = FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), "flatten", 32)
     ds = opts.load()
     t0 = time.perf_counter()
-    _, summary = extract_dataset(ds, spec, cache, progress=not quiet, log=_log)
-    record = fit_head(opts, spec, "linsvc", {}, "l2", None, [], cache, progress=False, log=_log,
+    _, summary = extract_dataset(ds, spec, cache, progress=not quiet, log=say)
+    record = fit_head(opts, spec, "linsvc", {}, "l2", None, [], cache, progress=False, log=say,
                       notes="quickstart")
     m = record["metrics"]
     print(f"featurecache quickstart: digits ({len(ds.train)} train / {len(ds.test)} test images, 8x8 upsized "
@@ -452,77 +272,8 @@ def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
           f"  cache: {cache.resolve()} (run again: a cache hit)  total {time.perf_counter() - t0:.1f} s")
 
 
-# ---- export (featurecache/export.py, docs/EXPORT.md) -------------------------------------------------
-@app.command("export")
-def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id printed by `featurecache fit`.")] = None,
-               fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
-               precision: Annotated[str, typer.Option("--precision", help="float32 (int8: not yet, "
-                                                                          "see docs/EXPORT.md).")] = "float32",
-               output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write "
-                                                                                   "(default: ./RUN_ID.onnx).")] = None,
-               force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
-               check: Annotated[Optional[Path], typer.Option("--check", help="Run an exported file with plain ONNX "
-                                                                             "Runtime on the run's test images and "
-                                                                             "compare with `featurecache predict`.")] = None,
-               data: Annotated[Optional[str], typer.Option("--data", help="With --check: the data to take the test "
-                                                                          "split of (default: the run's own).")] = None,
-               data_dir: DataDir = None, cache_dir: CacheDir = None, engine: Engine = None, as_json: Json = False):
-    """A fitted run as one ONNX file (uint8 images in; scores and label out), or --check such a file."""
-    from . import export as fc_export
-
-    if check is not None:
-        if run is not None:
-            raise FeatureCacheError("--check reads the run id from the file's metadata; drop --run")
-        r = fc_export.check(check, _cache(cache_dir), data, data_dir, engine or default_engine(), log=_log)
-        _emit(r, as_json, fc_export.describe_check(r))
-        if r["agree"] != r["images"]:
-            raise typer.Exit(1)
-        return
-    if data is not None:
-        raise FeatureCacheError("--data goes with --check; export takes everything from the run")
-    if run is None:
-        raise FeatureCacheError("give --run ID to export, or --check FILE to check an exported file")
-    r = fc_export.export_run(run, _cache(cache_dir), output, fmt, precision, force, log=_log)
-    _emit(r, as_json, f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB): {r['features']} -> {r['head']}, uint8 "
-                      f"{r['input_size']}x{r['input_size']} RGB in, {r['score_kind']} scores and label out; "
-                      f"head within {r['head_max_difference']:.2g} of the pickled one; {r['seconds']:.1f} s")
-
-
-# ---- serving --------------------------------------------------------------------------------------
-@app.command()
-def serve(run: Annotated[Optional[list[str]], typer.Option(
-              "--run", help="Run id printed by `featurecache fit`; repeat to serve several (the first is the "
-                            "default, `?run=ID` picks another).")] = None,
-          all_runs: Annotated[bool, typer.Option("--all-runs", help="Serve every run in the cache, newest "
-                                                                    "first.")] = False,
-          host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback (0.0.0.0 "
-                                                           "exposes it to the network) needs --token.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option("--port")] = 8000,
-          token: Annotated[Optional[str], typer.Option(
-              "--token", envvar="FEATURECACHE_TOKEN", show_default=False,
-              help="Clients must send `Authorization: Bearer TOKEN` (all but /health and the page).")] = None,
-          no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve off loopback without a token "
-                                                                  "(anyone who reaches the port may use it).")] = False,
-          workers: Annotated[int, typer.Option("--workers", help="Processes, each with its own model "
-                                                                 "(1 batches best on few cores).")] = 1,
-          max_batch: Annotated[int, typer.Option("--max-batch", help="Images per forward pass.")] = 32,
-          max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to "
-                                                                          "fill.")] = 2.0,
-          max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Request size limit.")] = 20.0,
-          max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest image, in pixels.")] = 4096 * 4096,
-          cache_dir: CacheDir = None, engine: Engine = None):
-    """Serve fitted runs over HTTP: a page at /, POST /predict and /embed, GET /health, /info, /runs, /sets
-    (OpenAPI at /docs)."""
-    from .auth import token_for
-    from .serve import ServeOptions, serve as run_server
-
-    token = token_for(host, token, no_auth, log=_log)  # refuses an exposed, open server before loading
-    if bool(run) == all_runs:
-        raise FeatureCacheError("give --run ID (repeatable) or --all-runs" if not run else
-                                "--run and --all-runs contradict each other; give one of them")
-    opts = ServeOptions(run[0] if run else "", str(_cache(cache_dir)), max_batch, max_wait_ms,
-                        int(max_body_mb * (1 << 20)), max_pixels, engine or default_engine())
-    run_server(opts, host, port, workers, runs=run, all_runs=all_runs, token=token)
+# The cache, project-file, export and serve commands register themselves after the pipeline's (help order).
+from . import cli_admin  # noqa: E402,F401
 
 
 def main() -> None:

@@ -92,6 +92,22 @@ def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=
     Images a set left out as unreadable are dropped from `ds` itself (labels stay aligned); sets that
     left out different images cannot share a row and are refused, naming both.
     """
+    first, blocks = plan(ds, spec, run, compute, data, splits)
+    store = FeatureStore(run.cache_dir)
+    out = {split: read(store, blocks, getattr(ds, split).images.ids) for split in splits}
+    return Composed(first, blocks, out.get("train"), out.get("test"))
+
+
+def read(store: FeatureStore, blocks: list[Block], ids: list[str]) -> np.ndarray:
+    """The composed rows of `ids` (every block's set must hold them)."""
+    parts = [b.rows(store.get(b.set_id).gather(ids)) for b in blocks]
+    return parts[0] if len(parts) == 1 else np.hstack(parts)
+
+
+def plan(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=None,
+         splits: tuple[str, ...] = ("train", "test")):
+    """(resolved spec, blocks): which stored set each tap is read from and how, extracting what is
+    missing when `compute`; reads no vectors (see `gather`, `read`)."""
     pool = views.check(spec.pool)
     spec = calibrated(spec, ds.train.images.ids)
     store = FeatureStore(run.cache_dir)
@@ -124,11 +140,7 @@ def gather(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=
         blocks.append(Block(layer, pool, stored, resolved[stored].set_ids[layer], shapes[layer],
                             views.dims(shapes[layer], pool), source))
     _drop_skipped(ds, [store.get(b.set_id) for b in blocks], run)
-    out = {}
-    for split in splits:
-        parts = [b.rows(store.get(b.set_id).gather(getattr(ds, split).images.ids)) for b in blocks]
-        out[split] = parts[0] if len(parts) == 1 else np.hstack(parts)
-    return Composed(first, blocks, out.get("train"), out.get("test"))
+    return first, blocks
 
 
 def _drop_skipped(ds, sets, run: RunSettings) -> None:

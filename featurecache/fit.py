@@ -11,6 +11,7 @@ from .api import DataOptions, default_engine
 from .errors import FeatureCacheError
 from .runs import evaluate, new_run_id, save_run, spec_dict
 from .settings import FeatureSpec, RunSettings
+from .store import FeatureStore
 
 NORMALIZE_AUTO = {1: "l2"}  # one tap: whole-row unit norm; several: each tap first (l2-per-tap), see README
 
@@ -23,12 +24,16 @@ def normalization(normalize: str, taps: int) -> str:
 def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, normalize: str, pca: int | None,
              grid: list[str], cache_dir: Path | RunSettings, compute: bool = False, batch_size: int = 64,
              progress: bool = True, notes: str = "", log=print, engine: str | None = None,
-             on_error: str = "fail", augment: tuple[str, ...] = (), tta: bool = False) -> dict:
+             on_error: str = "fail", augment: tuple[str, ...] = (), tta: bool = False,
+             max_memory: int | None = None) -> dict:
     """Fit `head` on the cached features of `spec` (one or more taps, a stored or derived pooling) for
     `data`; returns the saved run record. `cache_dir`: the cache folder, or the whole RunSettings (then
     batch_size, progress, log, engine and on_error come from it). `augment`: views whose training rows
-    are added (featurecache/augment.py); `tta`: test scores averaged over the image and its views."""
+    are added (featurecache/augment.py); `tta`: test scores averaged over the image and its views.
+    `max_memory` (bytes; default 3/4 of this machine's memory): a larger training matrix is streamed
+    from the stored parts by a head that learns incrementally, or refused in one line."""
     from . import augment as views_of
+    from . import heads, stream
 
     if tta and not augment:
         raise FeatureCacheError("--tta averages over augmented views: give --augment too (e.g. --augment hflip)")
@@ -36,15 +41,30 @@ def fit_head(data: DataOptions, spec: FeatureSpec, head: str, options: dict, nor
     run = cache_dir if isinstance(cache_dir, RunSettings) else \
         RunSettings(cache_dir, engine or default_engine(), batch_size, progress, on_error, log)
     cache_dir = run.cache_dir
-    composed = compose.gather(ds, spec, run, compute, data)
-    extra = [compose.gather(ds, replace(spec, view=v), run, compute, data, ("train", "test") if tta else ("train",))
-             for v in views_of.check(augment)]
-    for v, c in zip(augment, extra):
-        if c.x_train.shape[1] != composed.x_train.shape[1]:
-            raise FeatureCacheError(f"--augment {v}: its rows have {c.x_train.shape[1]} columns, the images' "
-                                    f"{composed.x_train.shape[1]}; extract both with the same --pool")
-    return fit_composed(data, ds, spec, composed, head, options, normalize, pca, grid, cache_dir, notes,
-                        dict(zip(augment, extra)), tta)
+    splits = ("train", "test") if tta else ("train",)
+    first, blocks = compose.plan(ds, spec, run, compute, data)
+    plans = {v: compose.plan(ds, replace(spec, view=v), run, compute, data, splits) for v in views_of.check(augment)}
+    for v, (_, b) in plans.items():
+        if sum(x.dims for x in b) != sum(x.dims for x in blocks):
+            raise FeatureCacheError(f"--augment {v}: its rows have {sum(x.dims for x in b)} columns, the images' "
+                                    f"{sum(x.dims for x in blocks)}; extract both with the same --pool")
+    rows = len(ds.train) * (1 + len(plans)) + len(ds.test) * (1 + (len(plans) if tta else 0))
+    need, limit = 4 * rows * sum(b.dims for b in blocks), max_memory or stream.memory_limit()
+    if need > limit:
+        if not heads.HEADS[head].streams:
+            raise FeatureCacheError(stream.too_big(need, limit, rows, sum(b.dims for b in blocks), head))
+        composed = compose.Composed(first, blocks, None, None)
+        normalize = normalization(normalize, len(blocks))
+        pipeline, metrics, seconds, extra = stream.fit_streamed(data, ds, composed, plans, head, options, normalize,
+                                                                limit, tta, cache_dir)
+        return save_fit(data, ds, spec, composed, pipeline, head, options, normalize, None, metrics, seconds,
+                        cache_dir, notes, augment=list(plans), tta=tta, **extra)
+    store = FeatureStore(cache_dir)
+    composed = compose.Composed(first, blocks, *(compose.read(store, blocks, getattr(ds, s).images.ids)
+                                                 for s in ("train", "test")))
+    extra = {v: compose.Composed(r, b, *(compose.read(store, b, getattr(ds, s).images.ids) if s in splits else None
+                                         for s in ("train", "test"))) for v, (r, b) in plans.items()}
+    return fit_composed(data, ds, spec, composed, head, options, normalize, pca, grid, cache_dir, notes, extra, tta)
 
 
 def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Composed, head: str, options: dict,
@@ -55,9 +75,7 @@ def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Com
     import numpy as np
 
     from . import heads
-    from .settings import calibrated
 
-    spec = calibrated(spec, ds.train.images.ids)  # int8 runs record their sample, so predict finds the graph
     normalize = normalization(normalize, len(composed.blocks))
     blocks = tuple(b.dims for b in composed.blocks)
     pipeline = heads.make_pipeline(head, heads.with_seed(head, options, data.seed), normalize, pca, blocks)
@@ -76,23 +94,36 @@ def fit_composed(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Com
         if tta else None
     metrics = evaluate(pipeline, composed.x_train, ds.train.labels, composed.x_test, ds.test.labels, ds.class_names,
                        pred_test)
+    return save_fit(data, ds, spec, composed, pipeline, head, options, normalize, pca, metrics, fit_seconds, cache_dir,
+                    notes, grid=[{"params": p, "mean": m, "std": s} for p, m, s in table] if table else None,
+                    augment=list(views), tta=tta, n_train=len(y_fit))
+
+
+def save_fit(data: DataOptions, ds, spec: FeatureSpec, composed: compose.Composed, pipeline, head: str, options: dict,
+             normalize: str, pca: int | None, metrics: dict, fit_seconds: float, cache_dir: Path, notes: str,
+             **extra) -> dict:
+    """The run record of a fitted pipeline, saved with it (runs/<id>/) and added to the ledger."""
+    from . import heads
+    from .settings import calibrated
+
+    spec = calibrated(spec, ds.train.images.ids)  # int8 runs record their sample, so predict finds the graph
+
     res, first = composed.res, composed.blocks[0]
     record = {
         "data": ds.name, "data_options": vars(data), "dataset_fingerprint": ds.fingerprint(),
-        "n_train": len(y_fit), "n_test": len(ds.test), "class_names": list(ds.class_names),
-        "spec": spec_dict(spec), "model": res.backbone.name, "weights": res.weights.label,
+        "n_train": len(ds.train), "n_test": len(ds.test), "class_names": list(ds.class_names),
+        # the resize the sets were keyed by (`auto` made concrete where the images' size decides it)
+        "spec": spec_dict(replace(spec, resize=res.resize)), "model": res.backbone.name, "weights": res.weights.label,
         "layer": first.layer, "layers": composed.layers, "size": res.size,
         "feature_set": first.set_id, "feature_sets": [b.set_id for b in composed.blocks],
         "feature_key": res.keys[first.layer], "blocks": [b.as_dict() for b in composed.blocks],
-        "features": composed.describe(), "dims": int(composed.x_train.shape[1]),
+        "features": composed.describe(), "dims": sum(b.dims for b in composed.blocks),
         "head": head, "head_options": options, "normalize": normalize, "pca": pca,
         "head_params": {k: repr(v) for k, v in pipeline.get_params(deep=True).items()
                         if k.startswith("head__")},
-        "library": heads.HEADS[head].library,
-        "grid": [{"params": p, "mean": m, "std": s} for p, m, s in table] if table else None,
-        "augment": list(views), "tta": tta, "n_train_images": len(ds.train),
-        "fit_seconds": round(fit_seconds, 3), "notes": notes, "metrics": metrics,
-    }
+        "library": heads.HEADS[head].library, "grid": None, "augment": [], "tta": False,
+        "n_train_images": len(ds.train), "fit_seconds": round(fit_seconds, 3), "notes": notes, "metrics": metrics,
+    } | extra
     run_id = new_run_id(head)
     folder = save_run(cache_dir, run_id, pipeline, record)
     record.update(run_id=run_id, run_dir=str(folder))

@@ -32,10 +32,10 @@ def touch(folder: Path) -> None:
         pass
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-size") -> int:
     m = _SIZE.match(text or "")
     if not m:
-        raise FeatureCacheError(f"--max-size {text}: give a size such as 500MB, 5GB or 1.5GiB")
+        raise FeatureCacheError(f"{option} {text}: give a size such as 500MB, 5GB or 1.5GiB")
     number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
     return int(number * (1024 if binary else 1000) ** " kmgt".index(unit or " "))
 

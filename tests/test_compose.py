@@ -148,3 +148,22 @@ def test_augmented_views_are_training_rows_of_their_own_set_and_reach_test_rows_
     assert "--tta" in error_line(run_cli("fit", *common, "--tta", cache_dir=tmp_path))
     serve = run_cli("serve", "--run", record["run_id"], cache_dir=tmp_path)
     assert serve.returncode == 2 and "--tta" in error_line(serve)
+
+
+def test_a_matrix_over_max_memory_streams_with_sgd_and_is_refused_in_one_line_otherwise(photos, stored):
+    common = ["--data", photos, *FEATS, "--layer", "block3_pool", "--layer", "block4_pool", "--pool", "max2x2"]
+    # 64 images x 6,144 float32 = 1.6 MB: 400 kB of memory makes chunks of 256 rows... all rows in one
+    # chunk here, so the budget below is what forces the streamed path, not the chunk count
+    streamed = json.loads(run_cli("fit", *common, "--head", "sgd", "--max-memory", "400kB", "--json",
+                                  cache_dir=stored, check=True).stdout)
+    from featurecache.runs import load_head
+
+    record, _ = load_head(stored, streamed["run_id"])
+    assert record["streamed"]["epochs"] == 5 and record["streamed"]["max_memory"] == 400_000
+    in_memory = json.loads(run_cli("fit", *common, "--head", "sgd", "--json", cache_dir=stored, check=True).stdout)
+    assert "streamed" not in load_head(stored, in_memory["run_id"])[0]
+    assert streamed["test_accuracy"] > 0.5 and in_memory["test_accuracy"] > 0.5  # 16 test images: far above 0.25
+    refused = run_cli("fit", *common, "--head", "linsvc", "--max-memory", "400kB", cache_dir=stored)
+    line = error_line(refused)
+    assert refused.returncode == 2 and "over --max-memory 0.4 MB" in line and "--head sgd" in line
+    assert "--pca" in line and "--max-train" in line

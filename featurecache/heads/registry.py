@@ -47,6 +47,9 @@ class Head:
         Estimator parameters this project always sets (e.g. the solver).
     defaults : tuple of (param, value)
         Estimator parameters set unless the user gives the option.
+    streams : bool
+        Whether it learns incrementally (``partial_fit``), so that ``fit`` can stream a training
+        matrix larger than memory from the stored parts.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Head:
     seeded: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
+    streams: bool = False  # learns incrementally (partial_fit): can fit a matrix larger than memory
 
     def accepts(self, option: str) -> bool:
         return option in self.options or (option == "seed" and self.seeded)
@@ -100,7 +104,7 @@ HEADS: dict[str, Head] = _Registry({
         Head("sgd", "linear SVM by stochastic gradient descent (hinge)",
              "sklearn.linear_model.SGDClassifier", "scikit-learn",
              ("alpha", "max_iter", "calibrate"), seeded=True, fixed=(("loss", "hinge"),),
-             defaults=(("n_jobs", -1),)),
+             defaults=(("n_jobs", -1),), streams=True),
         Head("knn", "k nearest neighbours", "sklearn.neighbors.KNeighborsClassifier",
              "scikit-learn", ("k",), defaults=(("n_jobs", -1),)),
         Head("rf", "random forest", "sklearn.ensemble.RandomForestClassifier", "scikit-learn",
