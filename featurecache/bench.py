@@ -43,10 +43,25 @@ from .store import write_atomic
 from .sweep import plot as plot_by_layer
 from .sweep import recommend
 
-__all__ = ["CliRun", "SetState", "check_file", "confusion_png", "conv_flops", "decode_file", "evaluate",
+__all__ = ["CliRun", "SetState", "check_file", "cpu_model", "confusion_png", "conv_flops", "decode_file", "evaluate",
            "lines_png", "noise_pngs", "plot_by_layer", "predict_files", "recommend", "run_cli", "run_encoder",
            "scatter_png", "set_state", "set_vectors", "tap_shapes", "version", "write_atomic", "write_digit_images",
            "write_section"]
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name, family and vector extensions (machines differ from week to week)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx512", "amx")) or f in
+                   ("avx2", "fma", "avx_vnni"))
+    return f"{fields.get('model name', 'unknown')} (cpu family {fields.get('cpu family', '?')}; {' '.join(flags)})"
 
 
 def write_section(path: Path, heading: str, body: str) -> None:

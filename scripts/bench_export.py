@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from featurecache.api import default_engine
-from featurecache.bench import predict_files, version, write_digit_images, write_section
+from featurecache.bench import cpu_model, predict_files, version, write_digit_images, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,21 +91,6 @@ def noise_pngs(folder: Path, n: int, size: int, seed: int) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
-
-
-def cpu_model() -> str:
-    """/proc/cpuinfo's model name, family and vector extensions (machines differ from week to week)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        import platform
-
-        return platform.processor() or "unknown"
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx512", "amx")) or f in
-                   ("avx2", "fma", "avx_vnni"))
-    return f"{fields.get('model name', 'unknown')} (cpu family {fields.get('cpu family', '?')}; {' '.join(flags)})"
 
 
 def pct(values, q) -> float:
