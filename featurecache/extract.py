@@ -216,8 +216,11 @@ def _compute(res: Resolved, p: Pending, store: FeatureStore, run: RunSettings):
             return sets, 0, {}, None
         todo_ids = list(dict.fromkeys(i for t in taps for i in need[t.name]))
         wanted = {t.name: set(need[t.name]) for t in taps}
+        from .engines.choice import MEASURE_FROM
+
         enc = encoderlib.Encoder(res, store.cache_dir, run.engine, run.on_error, [t.name for t in taps], model=model,
-                                 calibration=lambda: calibration_items(res, src), log=log).load()
+                                 calibration=lambda: calibration_items(res, src), log=log,
+                                 measure=len(todo_ids) >= MEASURE_FROM).load()
         positions = [first[i] for i in todo_ids]
         # Per tap: [(ids, vectors) of each batch], and when the part being filled was started.
         buffers = {t.name: ([], time.monotonic()) for t in taps}

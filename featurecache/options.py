@@ -23,7 +23,7 @@ POOLS = ("flatten", "avg", "max")
 RESIZES = ("auto", "nearest", "bilinear")
 PREPROCESSES = ("auto", "scale01")
 ENGINES = ("auto", "tensorflow", "onnxruntime", "openvino")
-PRECISIONS = ("float32", "int8")
+PRECISIONS = ("float32", "bf16", "int8")
 ON_ERRORS = ("fail", "skip")
 NORMALIZES = ("auto", "l2", "l2-per-tap", "standard", "none")
 EXECUTORS = ("local", "ray")
@@ -48,9 +48,9 @@ Resize = Annotated[Literal["auto", "nearest", "bilinear"], typer.Option(
                      "| nearest | bilinear.")]
 Preprocess = Annotated[Literal["auto", "scale01"], typer.Option("--preprocess", help="auto (the model's own) | "
                                                                                      "scale01 (x/255).")]
-Precision = Annotated[Literal["float32", "int8"], typer.Option(
-    "--precision", help="int8: post-training quantisation calibrated on your training images (a separate "
-                        "feature set).")]
+Precision = Annotated[Literal["float32", "bf16", "int8"], typer.Option(
+    "--precision", help="bf16: bfloat16 arithmetic on OpenVINO, on CPUs with AVX512_BF16 or AMX; int8: post-training "
+                        "quantisation calibrated on your training images (each a separate feature set).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass (does not change "
                                                                     "vectors).")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FEATURECACHE_DIR",

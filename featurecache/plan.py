@@ -8,6 +8,7 @@ small per-part overhead: uncompressed float32 vectors plus a 32-byte id per row.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -52,7 +53,38 @@ def run_plan(ds, spec: FeatureSpec, run: RunSettings, probe: int = 128) -> dict:
            "bytes_after": sum(r["bytes_after"] for r in layers), "engine": None, "setup_seconds": 0.0,
            "measured_images_per_second": None, "expected_seconds": 0.0, "skipped": []}
     if p.todo:
-        out.update(_warm_up(res, p, [t.name for t in taps if p.need[t.name]], run, probe))
+        names = [t.name for t in taps if p.need[t.name]]
+        out.update(_warm_up(res, p, names, run, probe))
+        out["engines_measured"] = _measured(res, names, run)
+    out["precisions"] = _precisions(res.precision)
+    return out
+
+
+def _measured(res: Resolved, names: list[str], run: RunSettings) -> dict | None:
+    """auto's remembered measurement of these taps on this machine (engines/choice.py), if there is one."""
+    from .engines import choice
+    from .engines.graphs import Graph
+
+    return choice.remembered(run.cache_dir, Graph(res.backbone.name, res.weights.id, res.size, tuple(names)))
+
+
+def _precisions(current: str) -> list[dict]:
+    """The other precisions this machine could run, each a separate feature set (docs/BENCHMARKS.md: their
+    speed and accuracy on Fashion-MNIST)."""
+    from .engines import choice, installed
+
+    out = []
+    if current != "bf16":
+        ok = choice.has_bf16() and installed("openvino")
+        out.append({"precision": "bf16", "available": ok,
+                    "why": "bfloat16 arithmetic on OpenVINO (this CPU has AVX512_BF16 or AMX)" if ok else
+                    "needs a CPU with AVX512_BF16 or AMX, and openvino" if not choice.has_bf16() else
+                    "needs openvino (`pip install openvino onnx`)"})
+    if current != "int8":
+        ok = installed("openvino") and importlib.util.find_spec("nncf") is not None
+        out.append({"precision": "int8", "available": ok,
+                    "why": "nncf's post-training quantisation on OpenVINO, calibrated on 300 of your training images"
+                    if ok else "needs openvino and nncf (`pip install openvino onnx nncf`)"})
     return out
 
 
@@ -61,7 +93,7 @@ def _warm_up(res: Resolved, p: Pending, names: list[str], run: RunSettings, prob
     Unreadable images stop the plan (on_error="fail") or are left out and listed ("skip"), as in extract."""
     t0 = time.perf_counter()
     enc = Encoder(res, run.cache_dir, run.engine, run.on_error, names,
-                  calibration=lambda: calibration_items(res, p.src), log=run.log).load()
+                  calibration=lambda: calibration_items(res, p.src), log=run.log, measure=True).load()
     positions = [p.first[i] for i in p.todo]
     if run.executor == "ray":  # one actor on the cluster measured, scaled by the actors its CPUs hold
         from .cluster import ClusterSettings, estimate
@@ -107,6 +139,15 @@ def describe(out: dict) -> str:
                      f"plus {out['setup_seconds']:.1f} s to build and warm up)")
     else:
         lines.append("nothing to compute: a cache hit")
+    measured = out.get("engines_measured")
+    if measured:
+        rates = sorted(measured["images_per_second"].items(), key=lambda kv: -kv[1])
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(measured["measured_at"]))
+        lines.append("engines measured by auto on this machine (" + when + "): "
+                     + ", ".join(f"{e} {r} images/s" for e, r in rates) + f"; auto runs {measured['engine']}")
+    for p in out.get("precisions", []):
+        lines.append(f"  --precision {p['precision']}: {'available' if p['available'] else 'not available'}, "
+                     f"{p['why']}; a separate feature set (speed and accuracy: docs/BENCHMARKS.md)")
     if out.get("skipped"):
         lines.append(f"left out {len(out['skipped'])} unreadable image(s) of the warm-up (--on-error skip)")
     lines.append(f"disk: +{mb(out['bytes_to_add'])}, {mb(out['bytes_after'])} for these feature sets in all")

@@ -21,16 +21,18 @@ from .fingerprint import feature_key, key_id
 RESIZES = imagelib.RESIZES  # auto | nearest | bilinear
 ON_ERROR = ("fail", "skip")
 EXECUTORS = ("local", "ray")
-PRECISIONS = ("float32", "int8")
+PRECISIONS = ("float32", "bf16", "int8")
 INT8_ENGINE = "openvino"  # nncf's post-training quantisation targets OpenVINO's int8 kernels
+BF16_ENGINE = "openvino"  # its CPU plugin runs bf16 through oneDNN's AVX512_BF16/AMX kernels
 
 
 @dataclass(frozen=True)
 class Precision:
     """The numeric precision of a feature set, with one spelling in keys: `key()` writes it, `parse()`
     reads it back. float32 keeps the historic "fp32" so existing sets stay valid; int8 names its
-    engine and calibration sample, both of which move the vectors."""
-    name: str = "float32"  # float32 | int8
+    engine and calibration sample, both of which move the vectors; bf16 (arithmetic in bfloat16,
+    weights and outputs float32) names its engine, whose kernels round it."""
+    name: str = "float32"  # float32 | bf16 | int8
     calibration: str = ""  # int8: id of the training-image sample it was calibrated on
 
     def __post_init__(self):
@@ -41,14 +43,22 @@ class Precision:
     def int8(self) -> bool:
         return self.name == "int8"
 
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
     def key(self) -> str:
+        if self.bf16:
+            return f"bf16-{BF16_ENGINE}"
         return "fp32" if self.name == "float32" else f"int8-{INT8_ENGINE}-{self.calibration}"
 
     @classmethod
     def parse(cls, text: str) -> Precision:
-        """A precision from an option (float32, int8) or a key (fp32, int8-openvino-<sample>)."""
+        """A precision from an option (float32, bf16, int8) or a key (fp32, bf16-openvino, int8-openvino-<sample>)."""
         if text in ("float32", "fp32"):
             return cls()
+        if text in ("bf16", f"bf16-{BF16_ENGINE}"):
+            return cls("bf16")
         if text == "int8":
             return cls("int8")
         prefix = f"int8-{INT8_ENGINE}-"
@@ -68,7 +78,7 @@ class FeatureSpec:
     resize: str = "auto"  # nearest upsizing, antialiased downsizing (images.resize_filter); sets keyed "auto"
     preprocess: str = "auto"
     seed: int = 0  # of random weights
-    precision: str = "float32"  # or int8: a different feature set
+    precision: str = "float32"  # or bf16, int8: a different feature set
     calibration: str = ""  # int8 only: id of the training-image sample it was calibrated on (`calibrated`)
     view: str = ""  # an augmented view of the images (featurecache/augment.py): a set of its own
 

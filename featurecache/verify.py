@@ -177,8 +177,8 @@ def _encoder_for(fs: FeatureSet, cache_dir: Path):
     if res.keys[key["layer"]] != key:
         return None, "made with other library versions than installed now; values not checked"
     # float32 on TensorFlow, the reference every engine is held to; int8 only on the cached graph it
-    # was made with, which reproduces it.
-    engine = "auto" if res.precision_setting.int8 else "tensorflow"
+    # was made with, which reproduces it; bf16 only on the engine whose kernels round it.
+    engine = "tensorflow" if res.precision == "float32" else "auto"
     encoder = Encoder(res, cache_dir, engine, on_error="skip")
     try:
         encoder.load()

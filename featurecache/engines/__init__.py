@@ -2,9 +2,10 @@
 
 Every engine gets the same preprocessed NHWC batch and returns the same NHWC tap outputs, so the
 engine is not part of a feature set's key: parity tests (tests/test_engines.py) hold each engine to
-1e-4 of the feature scale against TensorFlow on every tap. Precision is part of the key: int8 vectors
-are a different feature set. `auto` takes the first installed engine of AUTO_ORDER, the order measured
-by scripts/bench_extract.py (docs/BENCHMARKS.md).
+1e-4 of the feature scale against TensorFlow on every tap. Precision is part of the key: bf16 and int8
+vectors are different feature sets, each run by OpenVINO. `auto` runs a visible GPU's engine, else the
+engine measured fastest on this machine for the graph (choice.py), else the first installed engine
+of AUTO_ORDER.
 
 Conversion (Keras -> ONNX -> OpenVINO IR, and int8 calibration) happens once per (model, weights,
 taps, size, precision) and is cached under <cache>/engines/<key>/ (see graphs.py).
@@ -20,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FeatureCacheError
-from ..settings import INT8_ENGINE, PRECISIONS, Precision
+from ..settings import BF16_ENGINE, INT8_ENGINE, PRECISIONS, Precision
+from . import choice
 from .runtimes import threads  # noqa: F401  (every core this process may use)
 
 ENGINES = ("tensorflow", "onnxruntime", "openvino")
@@ -58,6 +60,17 @@ def choose(engine: str, precision: str = "float32") -> str:
                 raise FeatureCacheError(f"--engine {INT8_ENGINE}: --precision int8 needs {name}, which is not "
                                         f"installed; run `pip install {_PIP[name]}`")
         return INT8_ENGINE
+    if precision == "bf16":
+        if engine not in ("auto", BF16_ENGINE):
+            raise FeatureCacheError(f"--engine {engine}: --precision bf16 runs on {BF16_ENGINE} only; "
+                                    f"use --engine auto or --engine {BF16_ENGINE}")
+        if not choice.has_bf16():
+            raise FeatureCacheError("--precision bf16: this CPU has neither AVX512_BF16 nor AMX (no bfloat16 "
+                                    "arithmetic); use --precision float32, or int8")
+        if not installed(BF16_ENGINE):
+            raise FeatureCacheError(f"--engine {BF16_ENGINE}: --precision bf16 needs it, and it is not installed; "
+                                    f"run `pip install {_PIP[BF16_ENGINE]}`")
+        return BF16_ENGINE
     if engine == "auto":
         return next(e for e in AUTO_ORDER if installed(e) or e == "tensorflow")
     if not installed(engine):
@@ -77,36 +90,79 @@ class Forward:
     engine: str  # what runs it (auto resolved; tensorflow where a conversion fell back)
     taps: tuple[str, ...]
     run: Callable[[np.ndarray], list[np.ndarray]]
+    device: str = "cpu"  # or "gpu" (auto on a machine with a visible NVIDIA GPU)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         return self.run(x)
 
 
 def make_forward(option: str, model, graph, cache_dir: Path, precision: Precision = Precision(),
-                 calibration_images=None, log=None) -> Forward:
+                 calibration_images=None, log=None, measure: bool = False) -> Forward:
     """The forward pass of `graph` (engines.graphs.Graph: model, weights, size, taps) for `--engine option`.
 
     With `auto`, a model the exporter cannot convert runs on TensorFlow with a notice (same vectors);
     an engine named explicitly fails in one line instead. `calibration_images()` gives the int8
-    calibration batch when the int8 graph is not cached yet.
+    calibration batch when the int8 graph is not cached yet. `measure`: auto may time every installed
+    engine on this graph when this machine has no remembered choice for it (choice.py).
     """
+    engine = choose(option, precision.name)
+    if option != "auto" or precision.name != "float32":
+        return _build(engine, option, model, graph, cache_dir, precision, calibration_images, log)
+    gpu = choice.gpu_engine(installed)
+    if gpu:
+        return _build(gpu, option, model, graph, cache_dir, precision, calibration_images, log, device="gpu")
+    built: dict[str, Forward] = {}
+
+    def rate(name: str) -> float | None:
+        try:
+            fwd = built[name] = _build(name, "timing", model, graph, cache_dir, precision, None, log)
+        except FeatureCacheError:
+            return None
+        if fwd.engine != name:
+            return None
+        return _time(fwd, graph.size)
+
+    candidates = [e for e in AUTO_ORDER if installed(e) or e == "tensorflow"]
+    chosen = choice.pick(cache_dir, graph, candidates, rate, measure, engine, precision.name, log)
+    return built.get(chosen) or _build(chosen, option, model, graph, cache_dir, precision, calibration_images, log)
+
+
+def _time(fwd: Forward, size: int, batch: int = 16, rounds: int = 2) -> float:
+    """Images/s of a forward pass: one warm-up batch, then the best of `rounds` timed batches (values do
+    not change a forward's speed, so seeded random pixels in the network's input range stand in)."""
+    import time
+
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    fwd(x)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fwd(x)
+        best = max(best, batch / (time.perf_counter() - t0))
+    return best
+
+
+def _build(engine: str, option: str, model, graph, cache_dir: Path, precision: Precision, calibration_images,
+           log, device: str = "cpu") -> Forward:
     from .tensorflow import tensorflow_forward
 
     taps = list(graph.taps)
-    engine = choose(option, precision.name)
     if engine == "tensorflow":
-        return Forward(engine, graph.taps, tensorflow_forward(model, taps))
+        return Forward(engine, graph.taps, tensorflow_forward(model, taps), device)
     from . import graphs, runtimes
     from .onnx_export import Unsupported
 
     try:
         path = graphs.convert(engine, model, graph, cache_dir, precision, calibration_images, log)
     except Unsupported as e:
-        if option != "auto" or precision.int8:
-            flag = "--precision int8" if precision.int8 else f"--engine {engine}"
+        if option == "timing":
+            raise FeatureCacheError(str(e)) from None
+        if option != "auto" or precision.name != "float32":
+            flag = f"--precision {precision.name}" if precision.name != "float32" else f"--engine {engine}"
             raise FeatureCacheError(f"{flag}: cannot convert {graph.model} ({e}); use --engine tensorflow"
-                                    + (" --precision float32" if precision.int8 else "")) from None
+                                    + (" --precision float32" if precision.name != "float32" else "")) from None
         if log:
             log(f"notice: {engine} cannot run {graph.model} ({e}); using tensorflow (same vectors)")
         return Forward("tensorflow", graph.taps, tensorflow_forward(model, taps))
-    return Forward(engine, graph.taps, runtimes.forward(engine, path, taps))
+    settings = {"precision": "bf16"} if precision.bf16 else {"device": "gpu"} if device == "gpu" else {}
+    return Forward(engine, graph.taps, runtimes.forward(engine, path, taps, **settings), device)

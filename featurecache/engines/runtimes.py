@@ -35,19 +35,21 @@ def _chunks(x: np.ndarray, chunk: int) -> list[np.ndarray]:
 
 
 def onnxruntime_forward(path, taps: list[str], streams: int | None = None, chunk: int = CHUNK,
-                        level: str = "all"):
+                        level: str = "all", device: str = "cpu"):
     """streams sessions' worth of parallelism: one 1-thread session run from `streams` threads at
-    once (ORT's run is thread-safe), or one session using every core when streams == 1."""
+    once (ORT's run is thread-safe), or one session using every core when streams == 1.
+    device="gpu": one session on CUDA (whole batches; the GPU is the parallelism), CPU for what CUDA lacks."""
     import onnxruntime as ort
 
-    streams = streams or threads()
+    streams = 1 if device == "gpu" else streams or threads()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1 if streams > 1 else threads()
     so.inter_op_num_threads = 1
     so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "gpu" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), so, providers=providers)
     names = [output_name(t) for t in taps]
     pool = ThreadPoolExecutor(streams) if streams > 1 else None
 
@@ -65,13 +67,15 @@ def onnxruntime_forward(path, taps: list[str], streams: int | None = None, chunk
 
 
 def openvino_forward(path, taps: list[str], hint: str = "THROUGHPUT", streams: int | None = None,
-                     chunk: int = CHUNK):
+                     chunk: int = CHUNK, precision: str = "f32"):
     """OpenVINO's CPU streams kept busy: a batch is cut into chunks, handed round-robin to one infer
     request per stream. No Python callbacks: OpenVINO would run them (and any garbage collection
-    they trigger, which can destroy a request queue from its own thread) on its worker threads."""
+    they trigger, which can destroy a request queue from its own thread) on its worker threads.
+    precision: the inference precision hint, f32 (float32 parity) or bf16 (--precision bf16; the
+    graph and its outputs stay float32, the arithmetic is rounded to bfloat16)."""
     import openvino as ov
 
-    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads()}
+    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads()}
     if hint == "THROUGHPUT":
         config["NUM_STREAMS"] = streams or threads()
     compiled = ov.Core().compile_model(str(path), "CPU", config)

@@ -1,0 +1,84 @@
+"""--precision bf16: OpenVINO's bfloat16 inference precision, a feature set of its own, on CPUs that have it."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from featurecache import engines
+from featurecache.api import make_encoder
+from featurecache.engines import choice
+from featurecache.errors import FeatureCacheError
+from featurecache.settings import FeatureSpec, Precision, resolve
+
+SPEC = FeatureSpec("vgg16", "random", ("block4_pool",), size=32)
+needs_openvino = pytest.mark.skipif(not engines.installed("openvino"), reason="openvino not installed")
+
+
+def test_bf16_is_its_own_set_and_old_spellings_stay(tmp_path):
+    assert Precision().key() == "fp32" and Precision("bf16").key() == "bf16-openvino"
+    assert Precision.parse("bf16") == Precision.parse("bf16-openvino") == Precision("bf16")
+    assert Precision.parse("fp32") == Precision() and Precision.parse("int8-openvino-abc") == Precision("int8", "abc")
+    f32 = resolve(SPEC, None, tmp_path)
+    b16 = resolve(FeatureSpec(**{**SPEC.__dict__, "precision": "bf16"}), None, tmp_path)
+    assert b16.keys["block4_pool"]["precision"] == "bf16-openvino"
+    assert f32.keys["block4_pool"]["precision"] == "fp32" and f32.set_ids != b16.set_ids
+
+
+def test_bf16_on_a_cpu_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(choice, "has_bf16", lambda: False)
+    with pytest.raises(FeatureCacheError) as e:
+        engines.choose("auto", "bf16")
+    assert str(e.value) == ("--precision bf16: this CPU has neither AVX512_BF16 nor AMX (no bfloat16 arithmetic); "
+                            "use --precision float32, or int8")
+
+
+def test_bf16_runs_on_openvino_only(monkeypatch):
+    monkeypatch.setattr(choice, "has_bf16", lambda: True)
+    with pytest.raises(FeatureCacheError, match="--engine onnxruntime: --precision bf16 runs on openvino only"):
+        engines.choose("onnxruntime", "bf16")
+
+
+def test_has_bf16_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert choice.has_bf16()
+    monkeypatch.setattr(choice, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert not choice.has_bf16()
+
+
+@needs_openvino
+@pytest.mark.skipif(not choice.has_bf16(), reason="this CPU has no AVX512_BF16 or AMX")
+def test_a_real_bf16_extraction_is_within_one_percent_of_float32(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    want = make_encoder(SPEC, tmp_path, "openvino").encode_pixels(x)["block4_pool"]
+    enc = make_encoder(FeatureSpec(**{**SPEC.__dict__, "precision": "bf16"}), tmp_path, "auto")
+    got = enc.encode_pixels(x)["block4_pool"]
+    assert enc.engine == "openvino"
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < err < 0.01, err  # rounded (bf16 really ran), yet within 1% of the feature scale
+
+
+@needs_openvino
+@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="int8 needs nncf")
+def test_a_taps_int8_vectors_do_not_depend_on_the_other_taps_requested(tmp_path):
+    """Each tap set has its own int8 graph (calibrated on the same images): block4_pool alone and block4_pool
+    beside block5_pool (where its output also feeds block5's quantised convolutions) give the same vectors."""
+    from featurecache.backbones import get_backbone, preprocess
+    from featurecache.backbones.build import build_model
+    from featurecache.backbones.weights import resolve_weights
+    from featurecache.engines import make_forward
+    from featurecache.engines.graphs import Graph
+
+    backbone = get_backbone("vgg16")
+    weights = resolve_weights(backbone, "random")
+    model = build_model(backbone, weights, 32)
+    rng = np.random.default_rng(0)
+    calib = preprocess(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), backbone.preprocess)
+    x = preprocess(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), backbone.preprocess)
+    out = {}
+    for taps in (("block4_pool",), ("block4_pool", "block5_pool")):
+        fwd = make_forward("openvino", model, Graph("vgg16", weights.id, 32, taps), tmp_path, Precision("int8", "t"),
+                           lambda: calib)
+        out[taps] = fwd(x)[0]
+    alone, beside = out[("block4_pool",)], out[("block4_pool", "block5_pool")]
+    assert np.abs(alone - beside).max() <= 1e-5 * np.abs(alone).max()
