@@ -107,19 +107,21 @@ class Encoder:
     onnxruntime | openvino; on_error: fail (an unreadable image raises) | skip (left out, reported);
     taps: the layers to return (default: all of res.layers); model: a Keras model already built from
     `res` (spares a second build); calibration: () -> items of the int8 calibration sample, used
-    only when the int8 graph is not cached yet.
+    only when the int8 graph is not cached yet; measure: `auto` may time the installed engines on
+    this graph when this machine has no remembered choice (a large extraction, `plan`: engines/choice.py).
     The network is built on first use (`load()`), so an encoder is cheap to make and to describe.
     """
 
     def __init__(self, res: Resolved, cache_dir, engine: str = "auto", on_error: str = "fail", taps=None, *,
                  max_pixels: int = imagelib.MAX_PIXELS, model=None,
-                 calibration: Callable[[], list[Any]] | None = None, log=None):
+                 calibration: Callable[[], list[Any]] | None = None, log=None, measure: bool = False):
         if on_error not in ON_ERROR:
             raise FeatureCacheError(f"--on-error {on_error}: use fail or skip")
         self.res, self.cache_dir, self.option, self.on_error = res, Path(cache_dir), engine, on_error
         self.taps = tuple(dict.fromkeys(taps or res.layers))
-        self.max_pixels, self.log = max_pixels, log
+        self.max_pixels, self.log, self.measure = max_pixels, log, measure
         self._model, self._calibration, self._forward = model, calibration, None
+        self._pool = None  # (pid, decoding threads), made on first use
         self.passes = self.encoded = 0  # forward passes run and images through them (a server's batching)
 
     # ---- description -------------------------------------------------------------------------------
@@ -129,8 +131,10 @@ class Encoder:
             raise FeatureCacheError("this encoder's settings were not resolved by featurecache.settings.resolve; "
                                     "it cannot be described")
         # An absolute cache folder: a process started elsewhere (a worker's cwd) finds the same graphs.
+        # Once built, the engine auto chose: a worker runs the same one without measuring again.
+        engine = self._forward.engine if self._forward is not None else self.option
         return EncoderDescription(replace(self.res.spec, layers=self.taps, size=self.res.size),
-                                  str(self.cache_dir.absolute()), self.option, self.on_error, self.max_pixels)
+                                  str(self.cache_dir.absolute()), engine, self.on_error, self.max_pixels)
 
     @property
     def size(self) -> int:
@@ -155,7 +159,7 @@ class Encoder:
             graph = Graph(res.backbone.name, res.weights.id, res.size, self.taps)
             images = (lambda: self._calibration_batch()) if self._calibration else None
             self._forward = make_forward(self.option, self._model, graph, self.cache_dir, res.precision_setting,
-                                         images, self.log)
+                                         images, self.log, self.measure)
             self._model = None  # the forward pass holds what it needs
         return self
 
@@ -177,20 +181,42 @@ class Encoder:
         rgb = decode(item, name, self.res.size, self.res.resize, self.max_pixels)
         return augment.apply(rgb, self.res.spec.view) if self.res.spec is not None else rgb
 
+    def _decoders(self) -> ThreadPoolExecutor:
+        """Threads that decode a batch's items side by side (Pillow's decoders and resizers release the
+        GIL): one per core, made on first use, and again in a forked child (threads do not survive fork)."""
+        if self._pool is None or self._pool[0] != os.getpid():
+            from .engines import threads
+
+            self._pool = (os.getpid(), ThreadPoolExecutor(threads(), thread_name_prefix="featurecache-decode"))
+        return self._pool[1]
+
     def prepare(self, items, names=None, keys=None) -> Batch:
-        """Decode and resize a batch (no network): under on_error="fail" the first unreadable item
-        raises, under "skip" it is left out and listed. Safe to run in a thread beside `run`."""
+        """Decode and resize a batch (no network), its items spread over one thread per core and written
+        straight into the batch array: under on_error="fail" the first unreadable item (in order) raises,
+        under "skip" it is left out and listed. Safe to run in a thread beside `run`."""
         keys = list(range(len(items))) if keys is None else list(keys)
-        ok, pixels, skipped = [], [], {}
-        for k, item in enumerate(items):
-            try:
-                pixels.append(self.decode(item, names[k] if names is not None else None))
-                ok.append(keys[k])
-            except FeatureCacheError as e:
-                if self.on_error == "fail":
-                    raise
-                skipped[keys[k]] = str(e)
-        return Batch(ok, np.stack(pixels) if pixels else None, skipped)
+        n, size = len(items), self.res.size
+        pixels = np.empty((n, size, size, 3), np.uint8)
+        errors: list = [None] * n
+
+        def decode_slice(ks: range) -> None:
+            for k in ks:
+                try:
+                    pixels[k] = self.decode(items[k], names[k] if names is not None else None)
+                except FeatureCacheError as e:
+                    errors[k] = e
+
+        pool = self._decoders()
+        step = -(-n // pool._max_workers) if n else 1  # contiguous slices: one hand-off per thread, not per image
+        list(pool.map(decode_slice, [range(k, min(k + step, n)) for k in range(0, n, step)]))
+        bad = [k for k in range(n) if errors[k] is not None]
+        if bad and self.on_error == "fail":
+            raise errors[bad[0]]
+        skipped = {keys[k]: str(errors[k]) for k in bad}
+        if bad:
+            good = [k for k in range(n) if errors[k] is None]
+            return Batch([keys[k] for k in good], pixels[good] if good else None, skipped)
+        return Batch(keys, pixels if n else None, skipped)
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """The network and pooling over a prepared batch: {tap: (len(batch), dims) float32}."""
@@ -210,9 +236,11 @@ class Encoder:
         return Encoded(batch.keys, self.run(batch), batch.skipped)
 
     def stream(self, chunks: Iterable[tuple]) -> Iterator[Encoded]:
-        """Encode chunk after chunk ((items, names, keys) each), decoding the next in a thread while
-        the network runs on this one (Pillow and the engines release the GIL): the local executor.
-        A failure to decode surfaces when its chunk is due, after every chunk before it was yielded."""
+        """Encode chunk after chunk ((items, names, keys) each), decoding the next (on `prepare`'s
+        threads) while the network runs on this one (Pillow and the engines release the GIL): the local
+        executor. A failure to decode surfaces when its chunk is due, after every chunk before it was yielded.
+        The decode of chunk k+1 and the forward of chunk k share the cores, so a photo folder runs near
+        1 / (1/forward rate + 1/decode rate) (scripts/bench_extract.py --photos)."""
         chunks = iter(chunks)
         with ThreadPoolExecutor(1) as pool:
             ahead = next(chunks, None)
