@@ -39,11 +39,12 @@ import numpy as np
 
 from .plots import confusion_png, lines_png, scatter_png
 from .runs import evaluate
+from .prune import parse_size
 from .store import write_atomic
 from .sweep import plot as plot_by_layer
 from .sweep import recommend
 
-__all__ = ["CliRun", "SetState", "check_file", "cpu_model", "confusion_png", "conv_flops", "decode_file", "evaluate",
+__all__ = ["CliRun", "SetState", "check_file", "cpu_model", "parse_size", "confusion_png", "conv_flops", "decode_file", "evaluate",
            "lines_png", "noise_pngs", "plot_by_layer", "predict_files", "recommend", "run_cli", "run_encoder",
            "scatter_png", "set_state", "set_vectors", "tap_shapes", "version", "write_atomic", "write_digit_images",
            "write_section"]

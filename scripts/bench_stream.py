@@ -18,7 +18,6 @@ import shlex
 from pathlib import Path
 
 from featurecache import bench
-from featurecache.prune import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = ["fit", "--data", "fashion-mnist", "--model", "vgg16", "--weights", "hed-bsds", "--size", "64", "--resize",
@@ -31,7 +30,7 @@ def main() -> None:
     p.add_argument("--max-memory", default="700MB")
     args = p.parse_args()
     env = dict(os.environ, FEATURECACHE_DIR=str(args.cache_dir))
-    bound = parse_size(args.max_memory)
+    bound = bench.parse_size(args.max_memory, "--max-memory")
     rows = []
     for label, extra in (("streamed", ["--max-memory", args.max_memory]), ("in memory", [])):
         run = bench.run_cli(FIT + extra, env=env)
