@@ -166,6 +166,9 @@ class FeatureSet:
 
     def gather(self, ids: list[str], out: np.ndarray | None = None) -> np.ndarray:
         """Vectors for `ids` in that order, read part by part straight into one matrix."""
+        from .prune import touch
+
+        touch(self.folder)  # a use (fit, predict, sweep): `cache prune` removes least recently used sets first
         index = self.index()
         missing = [i for i in ids if i not in index]
         if missing:
@@ -197,6 +200,9 @@ class FeatureSet:
 
     def reader(self) -> SetReader:
         """Every part opened once, for many small row reads (a server's lookups); see SetReader."""
+        from .prune import touch
+
+        touch(self.folder)
         parts = self.parts()
         # The store's own opener: same checks, and the same HDF5 open flags, which HDF5 insists on
         # for a file this process already holds open.

@@ -152,3 +152,24 @@ def test_a_real_measurement_on_the_users_graph(tmp_path):
     installed = {e for e in engines.ENGINES if engines.installed(e)}
     assert set(entry["images_per_second"]) == installed and enc.engine == entry["engine"]
     assert any("auto measured" in m for m in said)
+
+
+def test_reading_a_set_or_loading_a_graph_records_a_use(tmp_path, monkeypatch):
+    """`cache prune` goes by last use: a feature set read (fit, predict, serve) or a converted graph loaded
+    marks its folder (prune.touch), so what is in use is not the least recently used."""
+    from featurecache import prune
+    from featurecache.engines import graphs
+    from featurecache.fingerprint import key_id
+    from featurecache.store import FeatureStore
+
+    fs = FeatureStore(tmp_path).open(key_id({"k": 1}), {"k": 1}, 4)
+    with fs.lock():
+        fs.append([f"{i:032x}" for i in range(3)], np.ones((3, 4), np.float32))
+    assert not (fs.folder / prune.MARKER).exists()
+    fs.gather([f"{i:032x}" for i in range(3)])
+    assert (fs.folder / prune.MARKER).exists()
+    folder = GRAPH.folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"onnx")
+    assert graphs.convert("onnxruntime", None, GRAPH, tmp_path) == folder / "model.onnx"
+    assert (folder / prune.MARKER).exists()
