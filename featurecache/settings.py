@@ -197,7 +197,12 @@ def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Reso
     if precision.int8 and not precision.calibration:
         raise FeatureCacheError("--precision int8: no calibration sample named; pass the spec through "
                                 "featurecache.settings.calibrated(spec, train_ids) first")
-    res = Resolved(backbone, weights, size, mode, spec.pool, spec.resize, layers, {}, {}, notices, spec.precision,
+    # `auto` is a rule, not a filter: where every image has the same size the rule picks one filter for
+    # all of them, and the set is keyed by that filter, since its vectors are exactly that filter's (so
+    # sets made with `nearest` before `auto` became the default stay cache hits when upsizing).
+    resize = imagelib.resize_filter((native_size, native_size), size, spec.resize) if native_size else spec.resize
+    spec = replace(spec, resize=resize)
+    res = Resolved(backbone, weights, size, mode, spec.pool, resize, layers, {}, {}, notices, spec.precision,
                    spec.calibration, replace(spec, size=size, layers=tuple(layers)))
     res.keys = {layer: res.key(layer) for layer in layers}
     res.set_ids = {layer: key_id(k) for layer, k in res.keys.items()}

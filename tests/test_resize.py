@@ -94,3 +94,17 @@ def test_upsizing_notice_names_the_filter(tmp_path):
 def test_unknown_resize_is_one_line(tmp_path):
     with pytest.raises(FeatureCacheError, match="--resize lanczos: unknown; use one of auto, nearest, bilinear"):
         resolve(FeatureSpec("vgg16", "random", ("block5_pool",), size=64, resize="lanczos"), None, tmp_path)
+
+
+def test_auto_keys_same_sized_images_by_the_filter_it_picks(tmp_path):
+    """`auto` on images that all share one size is one filter for all of them: the set is keyed by that
+    filter, so sets extracted with `nearest` before `auto` became the default stay cache hits."""
+    from featurecache.settings import FeatureSpec, resolve
+
+    up = resolve(FeatureSpec("vgg16", "random", ("block1_pool",), size=32, resize="auto"), 8, tmp_path)
+    old = resolve(FeatureSpec("vgg16", "random", ("block1_pool",), size=32, resize="nearest"), 8, tmp_path)
+    assert up.resize == "nearest" and up.set_ids == old.set_ids
+    down = resolve(FeatureSpec("vgg16", "random", ("block1_pool",), size=32, resize="auto"), 64, tmp_path)
+    assert down.resize == "bilinear"
+    files = resolve(FeatureSpec("vgg16", "random", ("block1_pool",), size=32, resize="auto"), None, tmp_path)
+    assert files.resize == "auto" and files.set_ids != old.set_ids  # sizes vary per file: the rule is the key
