@@ -27,6 +27,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,8 +142,13 @@ def connected(cluster: ClusterSettings, log=None):
     address = cluster.target
     if address:
         probe(address)
+        if address.startswith("ray://"):
+            _client_auth()
         try:
-            ray.init(address=address, **common)
+            with warnings.catch_warnings():
+                if not debug:  # Ray Client warns (and then raises) on a connection that times out
+                    warnings.simplefilter("ignore")
+                ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise FeatureCacheError(f"--ray-address {address}: cannot join the Ray cluster ({first})") from None
@@ -156,6 +162,18 @@ def connected(cluster: ClusterSettings, log=None):
         yield ray
     finally:
         ray.shutdown()  # stops a local Ray; leaves a joined cluster running
+
+
+def _client_auth() -> None:
+    """Ray Client sends the cluster's token (Ray's token authentication, on by default where
+    ~/.ray/auth_token exists) only when token mode is on in this process, which joining through ray://
+    does not switch on by itself: Ray's own check turns it on when a token is at hand."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 # ---- what moves: rows of images to the actors, rows of vectors back -----------------------------------
@@ -217,11 +235,9 @@ class EncodeActor:
         _limit_threads(threads)
         scratch = Path(tempfile.gettempdir()) / f"featurecache-ray-{os.getuid()}"  # node-local, never shared
         if graph_files is not None:
-            import ray
+            import ray  # Ray Data hands constructor arguments over as they are: a reference, fetched here
 
-            if isinstance(graph_files, ray.ObjectRef):  # Ray Data hands constructor arguments over as they are
-                graph_files = ray.get(graph_files)
-            _unpack(graph_files, scratch)
+            _unpack(ray.get(graph_files) if isinstance(graph_files, ray.ObjectRef) else graph_files, scratch)
         self.encoder: Encoder = replace(description, cache_dir=str(scratch)).build().load()
         self.taps = self.encoder.taps
 

@@ -8,9 +8,14 @@ the machine is shared.
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +48,49 @@ def ray_address():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_client_address():
+    """A cluster started by hand as docs/CLUSTER.md says (`ray start --head`, with Ray Client's port), in
+    its own temporary folder; stopped by its own process ids afterwards, never by `ray stop` (which
+    would stop every Ray of this user on the machine)."""
+    temp = Path(tempfile.mkdtemp(prefix="fc-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    client = free_port()  # outside Ray's worker port range (10002-19999): the OS hands out higher ones
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(free_port()), "--ray-client-server-port",
+                             str(client), "--num-cpus", "2", "--temp-dir", str(temp), "--include-dashboard", "false",
+                             "--disable-usage-stats", "--block"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", client), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+                time.sleep(0.5)
+        yield f"ray://127.0.0.1:{client}"
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for pid in [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]:
+            try:  # whatever that head left: its processes name its temporary folder
+                if str(temp).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def all_ids(ds) -> list[str]:
@@ -88,6 +136,16 @@ def test_ray_set_is_a_local_cache_hit_with_the_same_vectors_and_accuracy(ray_add
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
     fits = [fit_head(data, SPEC, "linsvc", {}, "l2", None, [], cache, log=lambda m: None) for cache in (on_ray, local)]
     assert fits[0]["metrics"]["test_accuracy"] == fits[1]["metrics"]["test_accuracy"]
+
+
+def test_a_cluster_joined_through_ray_client(ray_client_address, tmp_path):
+    # The driver is outside the cluster: it reads the batches itself and sends them to the actors.
+    proc = run_cli("extract", *SMALL, *FEATS, "--executor", "ray", "--ray-address", ray_client_address, "--json",
+                   cache_dir=tmp_path, check=True)
+    assert json.loads(proc.stdout)["computed"] == 180
+    assert [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("notice:")] == []
+    again = json.loads(run_cli("extract", *SMALL, *FEATS, "--json", cache_dir=tmp_path, check=True).stdout)
+    assert again["cache_hit"]
 
 
 def test_a_killed_actor_is_replaced_and_every_image_is_stored_once(ray_address, tmp_path):
@@ -167,3 +225,11 @@ def test_without_ray_installed_the_error_names_the_extra(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, FEATURECACHE_DIR=str(tmp_path)))
     assert proc.returncode == 2 and 'pip install "featurecache[ray]"' in error_line(proc)
+
+
+def test_store_write_rate_writes_what_it_times(tmp_path):
+    from featurecache.bench import store_write_rate
+
+    assert store_write_rate(tmp_path, 16, rows=640) > 0  # the benchmark's driver ceiling (bench_cluster.py)
+    fs = the_set(tmp_path)
+    assert len(fs) == rows_in_parts(fs) == 640 and fs.dims == 16
