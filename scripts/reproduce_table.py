@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,10 @@ def main() -> None:
     p.add_argument("--max-test", type=int)
     p.add_argument("--rows", default="", help="run only rows whose name contains this")
     args = p.parse_args()
+    for flag in ("max_train", "max_test"):  # before any command: 0 would otherwise mean "the full split"
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
+            raise SystemExit(2)
     data = ["--data", "fashion-mnist"] + (["--max-train", str(args.max_train)] if args.max_train else []) + \
         (["--max-test", str(args.max_test)] if args.max_test else [])
     quick = bool(args.max_train or args.max_test)

@@ -44,36 +44,33 @@ def test_cnn_codes_beat_raw_pixels_with_the_same_linear_head(fashion_small):
     assert acc["codes"] > 0.82, acc
 
 
-def test_max2x2_pools_flattened_maps():
-    max2x2 = _script("reproduce_table").max2x2
-    maps = np.random.default_rng(0).normal(size=(3, 4, 6, 5)).astype(np.float32)
-    want = maps.reshape(3, 2, 2, 3, 2, 5).max(axis=(2, 4))
-    assert np.array_equal(max2x2(maps.reshape(3, -1), (4, 6, 5)), want.reshape(3, -1))
-
-
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_reproduce_table_quick_mode_resumes(tmp_path):
-    """Quick mode end to end on two rows; the rerun skips the done rows and times a cache hit."""
-    args = ("--cache-dir", tmp_path / "c", "--max-train", 200, "--max-test", 100, "--out", tmp_path / "out",
-            "--rows", "raw pixels + linsvc", "--rows", "vgg16/block5_pool (flatten) 32px + linsvc")
-    first = _run_script("reproduce_table", *args)
+    """Quick mode on the feature command and one fit row; the rerun skips what its ledger holds."""
+    cache = tmp_path / "c"
+    common = ("--cache-dir", cache, "--max-train", 200, "--max-test", 100)
+    first = _run_script("reproduce_table", *common, "--rows", "features")
     assert first.returncode == 0, first.stderr[-2000:]
-    second = _run_script("reproduce_table", *args)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert " fit " not in second.stdout  # nothing refitted
-    state = json.loads((tmp_path / "c" / "reproduce_table" / "fashion-mnist-train200-test100.json").read_text())
-    assert len(state["rows"]) == 2
-    (group,) = state["extract"].values()
-    assert group["computed"] == 300 and "hit_seconds" in group
-    text = (tmp_path / "out" / "RESULTS.md").read_text()
-    assert "| linsvc C=1 (no row norm) | 200 | 784 |" in text and "83.90%" in text
-    for png in ("results_layers_vgg16.png", "results_accuracy_vs_fit.png", "results_confusion.png"):
-        assert (tmp_path / "out" / png).stat().st_size > 1000
+    assert first.stdout.startswith("featurecache extract --data fashion-mnist --max-train 200 --max-test 100")
+    fit = _run_script("reproduce_table", *common, "--rows", "C by cross-validation")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert "featurecache fit " in fit.stdout and "--grid C=1,4" in fit.stdout
+    again = _run_script("reproduce_table", *common, "--rows", "C by cross-validation")
+    assert again.returncode == 0 and "featurecache " not in again.stdout  # nothing rerun
+    ledger = json.loads((cache / "reproduce_table" / "fashion-mnist-quick.json").read_text())
+    assert set(ledger) == {"features", "C by cross-validation"}
+    answer = ledger["C by cross-validation"]["answer"]
+    assert answer["n_train"] == 200 and [g["params"]["C"] for g in answer["grid"]] == [1, 4]
+    assert answer["grid_best"]["C"] in (1, 4) and 0.5 < answer["test_accuracy"] <= 1
+    text = (cache / "reproduce_table" / "fashion-mnist-quick.md").read_text()
+    assert "| C by cross-validation | --grid: 3-fold cross-validation" in text
+    assert ledger["C by cross-validation"]["command"] in text
 
 
 def test_reproduce_table_rejects_a_bad_size(tmp_path):
     proc = _run_script("reproduce_table", "--cache-dir", tmp_path, "--max-train", 0)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: --max-train must be at least 1"]
+    assert not (tmp_path / "reproduce_table").exists()
 
 
 def test_cifar10_script_names_the_missing_archive(tmp_path):
