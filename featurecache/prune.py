@@ -18,18 +18,9 @@ from pathlib import Path
 
 from .errors import FeatureCacheError
 
-MARKER = ".last_used"
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _AGE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*$", re.IGNORECASE)
 _AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def touch(folder: Path) -> None:
-    """Record a use of a cache folder (best effort: a read-only cache still works)."""
-    try:
-        (Path(folder) / MARKER).touch()
-    except OSError:
-        pass
 
 
 def parse_size(text: str, option: str = "--max-size") -> int:

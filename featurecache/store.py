@@ -69,6 +69,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+USED_MARKER = ".last_used"  # touched on each use of a feature set or converted graph; `cache prune` reads it
+
+
+def touch_used(folder: Path) -> None:
+    """Record a use of a cache folder (best effort: a read-only cache still works)."""
+    try:
+        (Path(folder) / USED_MARKER).touch()
+    except OSError:
+        pass
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -166,9 +177,7 @@ class FeatureSet:
 
     def gather(self, ids: list[str], out: np.ndarray | None = None) -> np.ndarray:
         """Vectors for `ids` in that order, read part by part straight into one matrix."""
-        from .prune import touch
-
-        touch(self.folder)  # a use (fit, predict, sweep): `cache prune` removes least recently used sets first
+        touch_used(self.folder)  # a use (fit, predict, sweep): `cache prune` removes least recently used sets first
         index = self.index()
         missing = [i for i in ids if i not in index]
         if missing:
@@ -200,9 +209,7 @@ class FeatureSet:
 
     def reader(self) -> SetReader:
         """Every part opened once, for many small row reads (a server's lookups); see SetReader."""
-        from .prune import touch
-
-        touch(self.folder)
+        touch_used(self.folder)
         parts = self.parts()
         # The store's own opener: same checks, and the same HDF5 open flags, which HDF5 insists on
         # for a file this process already holds open.

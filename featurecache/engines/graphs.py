@@ -78,12 +78,12 @@ def _save_ir(ov_model, xml: Path) -> None:
 def convert(engine: str, model, graph: Graph, cache_dir: Path, precision: Precision = Precision(),
             calibration_images=None, log=None) -> Path:
     """Path of the cached graph `engine` runs, converting (and calibrating) on first use only."""
-    from ..prune import touch
+    from ..store import touch_used
 
     parts, taps = graph.parts(), list(graph.taps)
     folder = graph.folder(cache_dir)
     if folder.is_dir():
-        touch(folder)  # a use: `cache prune` removes least recently used graphs first
+        touch_used(folder)  # a use: `cache prune` removes least recently used graphs first
     if not (folder / "meta.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = _tmp(folder / "meta.json")
