@@ -11,62 +11,17 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset
 from .errors import FeatureCacheError
 from .extract import Resolved, Summary, extract
-from .settings import FeatureSpec, Precision, RunSettings, calibrated, resolve  # noqa: F401  (public values)
+from .datasets import DataOptions  # noqa: F401  (public values)
+from .settings import (FeatureSpec, Precision, RunSettings, calibrated, default_cache_dir,  # noqa: F401
+                       default_engine, resolve, spec_args)
 from .store import FeatureStore
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEATURECACHE_DIR", "cache"))
-
-
-def default_engine() -> str:
-    """--engine's default: auto (the fastest installed engine), or $FEATURECACHE_ENGINE."""
-    return os.environ.get("FEATURECACHE_ENGINE", "auto")
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """How `--data` is read: everything that decides which images form train and test."""
-    data: str
-    data_dir: str | None = None
-    test_size: float = 0.25
-    seed: int = 0
-    max_train: int | None = None
-    max_test: int | None = None
-
-    def load(self) -> Dataset:
-        return load_dataset(self.data, self.data_dir, self.test_size, self.seed, self.max_train, self.max_test)
-
-    def args(self) -> list[str]:
-        out = ["--data", self.data]
-        for flag, value, default in (("--data-dir", self.data_dir, None), ("--test-size", self.test_size, 0.25),
-                                     ("--seed", self.seed, 0), ("--max-train", self.max_train, None),
-                                     ("--max-test", self.max_test, None)):
-            if value != default:
-                out += [flag, str(value)]
-        return out
-
-
-def spec_args(spec: FeatureSpec, layer: str | None = None) -> list[str]:
-    """The command-line options that reproduce `spec` (for hints and reports)."""
-    out = ["--model", spec.model, "--weights", spec.weights]
-    for name in ([layer] if layer else spec.layers):
-        out += ["--layer", name]
-    defaults = FeatureSpec(spec.model)
-    for flag, attr in (("--pool", "pool"), ("--size", "size"), ("--resize", "resize"),
-                       ("--preprocess", "preprocess"), ("--precision", "precision")):
-        if getattr(spec, attr) != getattr(defaults, attr):
-            out += [flag, str(getattr(spec, attr))]
-    return out
 
 
 def extract_dataset(ds: Dataset, spec: FeatureSpec, cache_dir: Path, batch_size: int = 64,

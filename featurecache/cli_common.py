@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .api import default_cache_dir
+from .settings import default_cache_dir
 
 # No rich markup: help texts say "[default: ...]" literally, which markup would swallow as a tag.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,

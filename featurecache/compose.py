@@ -157,7 +157,7 @@ def _drop_skipped(ds, sets, run: RunSettings) -> None:
 
 
 def _missing_message(spec, extract_pool, lacking, res, data, ds, run, resolved, store, ids) -> str:
-    from .api import default_cache_dir, spec_args
+    from .settings import default_cache_dir, spec_args
 
     cmd = shlex.join(["featurecache", "extract", *(data.args() if data else ["--data", ds.name]),
                       *spec_args(replace(spec, pool=extract_pool, layers=tuple(lacking))),

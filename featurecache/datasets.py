@@ -369,3 +369,26 @@ def _cifar10_names(read, where: str) -> tuple[str, ...]:
 
 _BUILTIN_LOADERS = {"digits": _load_digits, "fashion-mnist": _load_fashion_mnist,
                     "mnist": _load_mnist, "cifar10": _load_cifar10}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How `--data` is read: everything that decides which images form train and test."""
+    data: str
+    data_dir: str | None = None
+    test_size: float = 0.25
+    seed: int = 0
+    max_train: int | None = None
+    max_test: int | None = None
+
+    def load(self) -> Dataset:
+        return load_dataset(self.data, self.data_dir, self.test_size, self.seed, self.max_train, self.max_test)
+
+    def args(self) -> list[str]:
+        out = ["--data", self.data]
+        for flag, value, default in (("--data-dir", self.data_dir, None), ("--test-size", self.test_size, 0.25),
+                                     ("--seed", self.seed, 0), ("--max-train", self.max_train, None),
+                                     ("--max-test", self.max_test, None)):
+            if value != default:
+                out += [flag, str(value)]
+        return out

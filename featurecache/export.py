@@ -298,7 +298,7 @@ def _read_size(backbone, spec_size, native) -> int:
 def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str | None = None,
           engine: str = "auto", log=None) -> dict:
     """Agreement of the file (plain ONNX Runtime) with `featurecache predict` on the run's test images."""
-    from .api import DataOptions
+    from .datasets import DataOptions
     from .backbones import get_backbone
     from .images import resize
     from .runs import load_head

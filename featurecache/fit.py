@@ -7,10 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import compose
-from .api import DataOptions, default_engine
+from .datasets import DataOptions
 from .errors import FeatureCacheError
 from .runs import evaluate, new_run_id, save_run, spec_dict
-from .settings import FeatureSpec, RunSettings
+from .settings import FeatureSpec, RunSettings, default_engine
 from .store import FeatureStore
 
 NORMALIZE_AUTO = {1: "l2"}  # one tap: whole-row unit norm; several: each tap first (l2-per-tap), see README

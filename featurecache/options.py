@@ -111,7 +111,7 @@ class Group:
 
 
 def _data(v: dict):
-    from .api import DataOptions
+    from .datasets import DataOptions
 
     return DataOptions(v["data"], v["data_dir"], v["test_size"], v["seed"], v["max_train"], v["max_test"])
 
@@ -125,7 +125,7 @@ def _features(v: dict):
 
 def _run(v: dict):
     """settings.RunSettings from the run options; `--executor ray` adds where and how wide."""
-    from .api import default_cache_dir, default_engine
+    from .settings import default_cache_dir, default_engine
     from .settings import RunSettings
 
     cluster = None

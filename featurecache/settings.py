@@ -8,6 +8,7 @@ function, `fingerprint.key_id`, applied to `Resolved.key(layer)`.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -207,3 +208,25 @@ def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Reso
     res.keys = {layer: res.key(layer) for layer in layers}
     res.set_ids = {layer: key_id(k) for layer, k in res.keys.items()}
     return res
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEATURECACHE_DIR", "cache"))
+
+
+def default_engine() -> str:
+    """--engine's default: auto (the fastest installed engine), or $FEATURECACHE_ENGINE."""
+    return os.environ.get("FEATURECACHE_ENGINE", "auto")
+
+
+def spec_args(spec: FeatureSpec, layer: str | None = None) -> list[str]:
+    """The command-line options that reproduce `spec` (for hints and reports)."""
+    out = ["--model", spec.model, "--weights", spec.weights]
+    for name in ([layer] if layer else spec.layers):
+        out += ["--layer", name]
+    defaults = FeatureSpec(spec.model)
+    for flag, attr in (("--pool", "pool"), ("--size", "size"), ("--resize", "resize"),
+                       ("--preprocess", "preprocess"), ("--precision", "precision")):
+        if getattr(spec, attr) != getattr(defaults, attr):
+            out += [flag, str(getattr(spec, attr))]
+    return out

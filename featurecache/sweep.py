@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import compose, views
-from .api import DataOptions
+from .datasets import DataOptions
 from .backbones import get_backbone
 from .errors import FeatureCacheError
 from .fit import fit_head, normalization
