@@ -372,7 +372,7 @@ def precisions_section(args) -> None:
         acc = {}
         for p in specs:  # int8 first needs its graph, which the extraction calibrates
             r = run_cli(["fit", *common, "--precision", p], env)
-            acc[p] = json.loads(r.stdout)["test_accuracy"]
+            acc[p] = json.loads(r.stdout[r.stdout.find("{"):])["test_accuracy"]
             say(f"{model} {p}: accuracy {acc[p]} ({r.seconds:.0f} s with extraction)")
         encs = {p: make_encoder(s, cache, "openvino", train_ids=fm.train.images.ids).load() for p, s in specs.items()}
         pixels = encs["float32"].prepare(raw).pixels

@@ -7,6 +7,9 @@ feature key: a different sample may move int8 vectors, so it may not share their
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 
 from ..settings import CALIBRATION_SAMPLE as SAMPLE, calibration_sample  # noqa: F401  (named there: part of the key)
@@ -22,4 +25,6 @@ def quantize(onnx_path: str, images: np.ndarray):
     nncf.set_log_level(logging.ERROR)
     model = ov.Core().read_model(onnx_path)
     items = [images[k:k + 1] for k in range(len(images))]
-    return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
+    # nncf draws its progress bars on stdout, which `--json` keeps for the one JSON document: stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
