@@ -17,7 +17,8 @@ Faults are Ray's to absorb: actors restart and their batches are retried (`max_r
 `max_task_retries`); a batch delivered twice is dropped by key here, so nothing is stored twice.
 The driver appends vectors as they arrive, so a killed driver loses at most the part being filled
 and the rerun computes only what is missing. The executor changes nothing in a key: a set made on
-Ray is a cache hit locally and the other way round.
+Ray is a cache hit locally and the other way round. The worker side (read tasks, the encoder actor,
+the rows they exchange) is featurecache/cluster_worker.py.
 """
 
 from __future__ import annotations
@@ -25,16 +26,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
+from .cluster_worker import EncodeActor, _carry, _datasource, _rows, graph_files
 from .encoder import Encoded, Encoder
 from .errors import FeatureCacheError
 
@@ -176,123 +176,6 @@ def _client_auth() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-# ---- what moves: rows of images to the actors, rows of vectors back -----------------------------------
-def _rows(source, indices: list[int], keys: list[str]) -> dict[str, list]:
-    """One read task's block, on the driver's node: each image as its file's bytes (shape "") or its
-    raw uint8 pixels (shape "HxWxC"), never as a path a worker could not open."""
-    from . import images as imagelib
-
-    paths, array = getattr(source, "paths", None), getattr(source, "array", None)
-    data, shapes = [], []
-    for j in indices:
-        if paths is not None:
-            try:
-                data.append(imagelib.read_file(Path(paths[j])))
-            except (OSError, FeatureCacheError):
-                data.append(b"")  # the worker's decode names it, under the run's --on-error
-            shapes.append("")
-        else:
-            pixels = np.ascontiguousarray(array[j] if array is not None else source.load(j), dtype=np.uint8)
-            data.append(pixels.tobytes())
-            shapes.append("x".join(map(str, pixels.shape)))
-    return {"key": keys, "name": [source.name(j) for j in indices], "data": data, "shape": shapes}
-
-
-def _item(data: bytes, shape: str):
-    return np.frombuffer(data, np.uint8).reshape([int(s) for s in shape.split("x")]) if shape else bytes(data)
-
-
-def _datasource(ray, refs: list, chunks: list[tuple[int, list[int], list[str]]]):
-    """A Ray Datasource with one read task per chunk: (source number, indices, keys)."""
-    import pyarrow as pa
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class Images(Datasource):
-        @property
-        def supports_distributed_reads(self) -> bool:
-            return False  # Ray then runs every read task on the driver's node: the files are there
-
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            def read(k, indices, keys):
-                return [pa.table(_rows(ray.get(refs[k]), indices, keys))]
-
-            return [ReadTask(lambda k=k, idx=idx, keys=keys: read(k, idx, keys),
-                             BlockMetadata(num_rows=len(idx), size_bytes=None, exec_stats=None, input_files=None))
-                    for k, idx, keys in chunks]
-
-    return Images()
-
-
-class EncodeActor:
-    """One encoder per actor process, built once: rows of images in, one row out per row in (its
-    vectors, or the reason it was left out under --on-error skip)."""
-
-    def __init__(self, description, graph_files: dict | None, threads: int):
-        _limit_threads(threads)
-        scratch = Path(tempfile.gettempdir()) / f"featurecache-ray-{os.getuid()}"  # node-local, never shared
-        if graph_files is not None:
-            import ray  # Ray Data hands constructor arguments over as they are: a reference, fetched here
-
-            _unpack(ray.get(graph_files) if isinstance(graph_files, ray.ObjectRef) else graph_files, scratch)
-        self.encoder: Encoder = replace(description, cache_dir=str(scratch)).build().load()
-        self.taps = self.encoder.taps
-
-    def __call__(self, batch: dict) -> dict:
-        keys, names = [str(k) for k in batch["key"]], [str(n) for n in batch["name"]]
-        items = [_item(d, s) for d, s in zip(batch["data"], batch["shape"])]
-        out: Encoded = self.encoder.encode(items, names, keys)
-        where = {k: r for r, k in enumerate(out.keys)}
-        rows = {"key": np.array(keys), "reason": np.array([out.skipped.get(k, "") for k in keys])}
-        for t, tap in enumerate(self.taps):
-            vec = out.vectors.get(tap)
-            dims = vec.shape[1] if vec is not None else 0
-            full = np.zeros((len(keys), dims), np.float32)
-            if vec is not None:
-                done = [r for r, k in enumerate(keys) if k in where]
-                full[done] = vec[[where[keys[r]] for r in done]]
-            rows[f"v{t}"] = full
-        return rows
-
-
-def _limit_threads(n: int) -> None:
-    """An actor runs its engine on `n` threads (the CPUs it reserved), not on every core of its node:
-    the engines read FEATURECACHE_THREADS (engines.runtimes.threads), TensorFlow's kernels OMP's."""
-    os.environ["FEATURECACHE_THREADS"] = str(n)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-
-
-def graph_files(encoder: Encoder) -> dict[str, bytes] | None:
-    """The converted graph the driver's encoder runs ({path under the cache: bytes}), for the actors;
-    None for TensorFlow, which runs the Keras model itself."""
-    if encoder.engine == "tensorflow":
-        return None
-    from .engines.graphs import Graph
-
-    res = encoder.res
-    folder = Graph(res.backbone.name, res.weights.id, res.size, tuple(encoder.taps)).folder(encoder.cache_dir)
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            files[str(path.relative_to(encoder.cache_dir))] = path.read_bytes()
-    return files
-
-
-def _unpack(files: dict[str, bytes], scratch: Path) -> None:
-    """Write the shipped graph under the actor's scratch folder (atomically: actors of one node share it)."""
-    for rel, data in files.items():
-        path = scratch / rel
-        if path.is_file() and path.stat().st_size == len(data):
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
-
 # ---- the driver's side ---------------------------------------------------------------------------------
 def _chunks(src, positions: list[int], size: int) -> list[tuple[int, list[int], list[str]]]:
     """`positions` of extract.Sources cut into read tasks: (source number, indices in it, image ids)."""
@@ -326,9 +209,11 @@ def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int,
             yield from (_unique(rows, encoder.taps, seen) for rows in _from_client(ray, encoder, graph, src, positions,
                                                                                    batch_size, cluster, workers))
             return
-        refs = [ray.put(s) for s in src.sources]  # once each; read tasks take what they need
-        chunks = _chunks(src, positions, READ_CHUNK)
-        ds = ray.data.read_datasource(_datasource(ray, refs, chunks), num_cpus=0)  # reading is I/O: no CPU held
+        # Pixels go to the object store once per source (read tasks slice them); files travel as paths.
+        stores = [None if getattr(s, "paths", None) is not None else ray.put(getattr(s, "array", s))
+                  for s in src.sources]
+        carries = [_carry(src.sources[s], idx, keys, stores[s]) for s, idx, keys in _chunks(src, positions, READ_CHUNK)]
+        ds = ray.data.read_datasource(_datasource(carries), num_cpus=0)  # reading is I/O: no CPU held
         ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
                             num_cpus=cluster.threads_per_worker, zero_copy_batch=True,
                             fn_constructor_args=(encoder.description, ray.put(graph) if graph else None,
