@@ -121,7 +121,7 @@ class Encoder:
         self.taps = tuple(dict.fromkeys(taps or res.layers))
         self.max_pixels, self.log, self.measure = max_pixels, log, measure
         self._model, self._calibration, self._forward = model, calibration, None
-        self._pool = None  # (pid, decoding threads), made on first use
+        self._pool = None  # (pid, decoding threads, their number), made on first use
         self.passes = self.encoded = 0  # forward passes run and images through them (a server's batching)
 
     # ---- description -------------------------------------------------------------------------------
@@ -187,7 +187,8 @@ class Encoder:
         if self._pool is None or self._pool[0] != os.getpid():
             from .engines import threads
 
-            self._pool = (os.getpid(), ThreadPoolExecutor(threads(), thread_name_prefix="featurecache-decode"))
+            n = threads()
+            self._pool = (os.getpid(), ThreadPoolExecutor(n, thread_name_prefix="featurecache-decode"), n)
         return self._pool[1]
 
     def prepare(self, items, names=None, keys=None) -> Batch:
@@ -207,7 +208,7 @@ class Encoder:
                     errors[k] = e
 
         pool = self._decoders()
-        step = -(-n // pool._max_workers) if n else 1  # contiguous slices: one hand-off per thread, not per image
+        step = -(-n // self._pool[2]) if n else 1  # contiguous slices: one hand-off per thread, not per image
         list(pool.map(decode_slice, [range(k, min(k + step, n)) for k in range(0, n, step)]))
         bad = [k for k in range(n) if errors[k] is not None]
         if bad and self.on_error == "fail":
