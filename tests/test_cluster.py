@@ -8,6 +8,7 @@ the machine is shared.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -182,6 +183,33 @@ def test_a_killed_driver_reruns_only_what_is_missing(ray_address, tmp_path):
     assert json.loads(out)["computed"] == 400 - stored
     fs = the_set(cache)
     assert len(fs) == rows_in_parts(fs) == 400
+
+
+def test_ctrl_c_keeps_finished_batches_and_stops_a_local_ray(tmp_path):
+    # No address: the driver starts its own Ray. Ctrl-C in a terminal signals the whole process group.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", FEATURECACHE_DIR=str(tmp_path), PYTHONUNBUFFERED="1", **QUIET_ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "extract", "--data", "digits", "--max-train",
+                             "300", "--max-test", "100", *FEATS, "--executor", "ray", "--batch-size", "8"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err = ""
+    while progress(err) < 16:
+        assert proc.poll() is None, err[-3000:]
+        err += os.read(proc.stderr.fileno(), 4096).decode()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    done = re.search(r"interrupted after (\d+) of 400 images", err + rest)
+    assert proc.returncode == 2 and done, (err + rest)[-3000:]
+    assert len(the_set(tmp_path)) == int(done.group(1)) >= 16
+    time.sleep(2)
+    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _group(int(p.name)) == proc.pid]
+    assert left == []  # the local Ray went with it
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def test_unreadable_image_on_a_worker_is_skipped_by_name(ray_address, tmp_path):
