@@ -1,6 +1,9 @@
 import os
+import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,46 @@ def run_cli(*args, cache_dir=None, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"featurecache {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(url, proc, log_path, timeout=180):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"server not healthy after {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+@contextmanager
+def serving(args, cache: Path, log_path: Path, env: dict | None = None):
+    """A real `featurecache serve ARGS` on a free loopback port, healthy before the block, stopped after it;
+    yields its base URL. Its output goes to `log_path` (quoted when it fails to start)."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "serve", *map(str, args), "--port",
+                                 str(port)], env=dict(os.environ, FEATURECACHE_DIR=str(cache), **(env or {})),
+                                cwd=ROOT, stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_health(url, proc, log_path)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def error_line(proc) -> str:

@@ -3,10 +3,6 @@
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,18 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, error_line, run_cli, write_digit_folder
+from conftest import error_line, run_cli, serving, write_digit_folder
 from featurecache.images import content_hash
 
 FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32"]
 MAX_PIXELS = 10_000
 MAX_BODY_MB = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,34 +29,10 @@ def server(tmp_path_factory):
     fit = run_cli("fit", "--data", data, *FEATS, "--head", "logreg", "--extract", "--json", "--quiet",
                   cache_dir=cache, check=True)
     run_id = json.loads(fit.stdout)["run_id"]
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "serve", "--run", run_id, "--port", str(port),
-                             "--max-pixels", str(MAX_PIXELS), "--max-body-mb", str(MAX_BODY_MB),
-                             "--max-wait-ms", "50"],  # room for concurrent requests to meet in one batch
-                            env=dict(os.environ, FEATURECACHE_DIR=str(cache)), cwd=ROOT, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, proc, root / "server.log")
+    with serving(["--run", run_id, "--max-pixels", MAX_PIXELS, "--max-body-mb", MAX_BODY_MB,
+                  "--max-wait-ms", "50"],  # room for concurrent requests to meet in one batch
+                 cache, root / "server.log") as url:
         yield {"url": url, "run": run_id, "data": data, "new": new_files, "cache": cache}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-
-
-def wait_for_health(url, proc, log_path, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"server not healthy after {timeout} s:\n{log_path.read_text()[-3000:]}")
 
 
 def post_files(url, paths, top=1):

@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_line, run_cli, write_digit_folder
+from conftest import ROOT, error_line, run_cli, serving, write_digit_folder
 from featurecache.images import content_hash
 from featurecache.store import FeatureStore
-from test_serve import free_port, png_bytes, wait_for_health
+from test_serve import png_bytes
 
 FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32"]
 TOKEN = "test-token-1234"
@@ -35,20 +35,10 @@ def server(tmp_path_factory):
     new_files = write_digit_folder(new, 2, offset=12)
     runs = [fit(data, cache, "--head", "logreg"), fit(data, cache, "--head", "linsvc"),
             fit(data, cache, "--head", "logreg", "--layer", "block4_pool")]
-    port = free_port()
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    env = dict(os.environ, FEATURECACHE_DIR=str(cache), FEATURECACHE_TOKEN=TOKEN)  # the token from the environment
-    proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "serve", *[a for r in runs for a in ("--run", r)],
-                             "--port", str(port)], env=env, cwd=ROOT, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, proc, log_path)
-        yield {"url": url, "runs": runs, "data": data, "new": new_files, "cache": cache, "log": log_path}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    # the token from the environment
+    with serving([a for r in runs for a in ("--run", r)], cache, root / "server.log",
+                 env={"FEATURECACHE_TOKEN": TOKEN}) as url:
+        yield {"url": url, "runs": runs, "data": data, "new": new_files, "cache": cache, "log": root / "server.log"}
 
 
 def post(server, path, paths, headers=AUTH, **params):

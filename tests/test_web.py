@@ -9,14 +9,11 @@ them and sets FEATURECACHE_REQUIRE_BROWSER=1, under which their absence fails th
 
 import json
 import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from conftest import ROOT, run_cli, write_digit_folder
-from test_serve import free_port, wait_for_health
+from conftest import ROOT, run_cli, serving, write_digit_folder
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "page-test-token"
@@ -70,20 +67,8 @@ def server(tmp_path_factory):
     fit = run_cli("fit", "--data", data, "--model", "vgg16", "--weights", "hed-bsds", "--layer", "block3_pool",
                   "--size", "32", "--head", "logreg", "--extract", "--json", "--quiet", cache_dir=cache, check=True)
     run_id = json.loads(fit.stdout)["run_id"]
-    port = free_port()
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "serve", "--run", run_id, "--port", str(port),
-                             "--token", TOKEN], env=dict(os.environ, FEATURECACHE_DIR=str(cache)), cwd=ROOT,
-                            stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, proc, log_path)
+    with serving(["--run", run_id, "--token", TOKEN], cache, root / "server.log") as url:
         yield {"url": url, "run": run_id, "data": data, "new": new_files, "cache": cache, "root": root}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 def wait(driver, condition, timeout=60):
