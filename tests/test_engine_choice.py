@@ -34,7 +34,7 @@ def pick(cache, rate, measure=True, log=None):
 
 def test_measured_once_written_and_reused(tmp_path):
     said, rate = [], Rates()
-    assert pick(tmp_path, rate, log=said.append) == "openvino" and rate.calls == 3
+    assert pick(tmp_path, rate, log=said.append) == "openvino" and rate.calls == 3 * choice.ROUNDS
     record = json.loads((tmp_path / "engines" / "choice.json").read_text())
     assert record["machine"] == choice.machine() and record["machine_id"] == choice.machine_id()
     (entry,) = record["choices"].values()
@@ -42,7 +42,7 @@ def test_measured_once_written_and_reused(tmp_path):
     assert any("auto measured vgg16 32px" in m and "using openvino" in m for m in said)
     said.clear()
     assert pick(tmp_path, rate, log=said.append) == "openvino"
-    assert rate.calls == 3 and not said  # reused: no second measurement, nothing said
+    assert rate.calls == 3 * choice.ROUNDS and not said  # reused: no second measurement, nothing said
     again = json.loads((tmp_path / "engines" / "choice.json").read_text())
     assert next(iter(again["choices"].values()))["measured_at"] == entry["measured_at"]
     assert choice.remembered(tmp_path, GRAPH)["engine"] == "openvino"
@@ -53,7 +53,7 @@ def test_a_changed_machine_is_measured_again(tmp_path, monkeypatch):
     real = choice.machine()
     monkeypatch.setattr(choice, "machine", lambda: {**real, "libraries": {**real["libraries"], "openvino": "99.0"}})
     said, rate = [], Rates({**RATES, "onnxruntime": 50.0})
-    assert pick(tmp_path, rate, log=said.append) == "onnxruntime" and rate.calls == 3
+    assert pick(tmp_path, rate, log=said.append) == "onnxruntime" and rate.calls == 3 * choice.ROUNDS
     assert any("changed since" in m and "measuring the engines again" in m for m in said)
     record = json.loads((tmp_path / "engines" / "choice.json").read_text())
     assert record["machine"]["libraries"]["openvino"] == "99.0"
@@ -64,7 +64,7 @@ def test_a_corrupt_record_is_measured_again_with_a_notice(tmp_path, text):
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "choice.json").write_text(text)
     said, rate = [], Rates()
-    assert pick(tmp_path, rate, log=said.append) == "openvino" and rate.calls == 3
+    assert pick(tmp_path, rate, log=said.append) == "openvino" and rate.calls == 3 * choice.ROUNDS
     assert any("is unreadable" in m and "measuring the engines again" in m for m in said)
     assert json.loads((tmp_path / "engines" / "choice.json").read_text())["format"] == choice.FORMAT
 
@@ -73,7 +73,7 @@ def test_small_jobs_do_not_measure(tmp_path):
     rate = Rates()
     assert pick(tmp_path, rate, measure=False) == "onnxruntime" and rate.calls == 0  # the fixed order
     pick(tmp_path, rate)
-    assert pick(tmp_path, rate, measure=False) == "openvino" and rate.calls == 3  # what was measured
+    assert pick(tmp_path, rate, measure=False) == "openvino" and rate.calls == 3 * choice.ROUNDS  # what was measured
 
 
 def test_an_engine_that_cannot_run_is_left_out(tmp_path):
@@ -156,20 +156,19 @@ def test_a_real_measurement_on_the_users_graph(tmp_path):
 
 def test_reading_a_set_or_loading_a_graph_records_a_use(tmp_path, monkeypatch):
     """`cache prune` goes by last use: a feature set read (fit, predict, serve) or a converted graph loaded
-    marks its folder (prune.touch), so what is in use is not the least recently used."""
-    from featurecache import prune
+    marks its folder (store.touch_used), so what is in use is not the least recently used."""
     from featurecache.engines import graphs
     from featurecache.fingerprint import key_id
-    from featurecache.store import FeatureStore
+    from featurecache.store import USED_MARKER, FeatureStore
 
     fs = FeatureStore(tmp_path).open(key_id({"k": 1}), {"k": 1}, 4)
     with fs.lock():
         fs.append([f"{i:032x}" for i in range(3)], np.ones((3, 4), np.float32))
-    assert not (fs.folder / prune.MARKER).exists()
+    assert not (fs.folder / USED_MARKER).exists()
     fs.gather([f"{i:032x}" for i in range(3)])
-    assert (fs.folder / prune.MARKER).exists()
+    assert (fs.folder / USED_MARKER).exists()
     folder = GRAPH.folder(tmp_path)
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(b"onnx")
     assert graphs.convert("onnxruntime", None, GRAPH, tmp_path) == folder / "model.onnx"
-    assert (folder / prune.MARKER).exists()
+    assert (folder / USED_MARKER).exists()

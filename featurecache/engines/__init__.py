@@ -114,32 +114,33 @@ def make_forward(option: str, model, graph, cache_dir: Path, precision: Precisio
     built: dict[str, Forward] = {}
 
     def rate(name: str) -> float | None:
-        try:
-            fwd = built[name] = _build(name, "timing", model, graph, cache_dir, precision, None, log)
-        except FeatureCacheError:
-            return None
-        if fwd.engine != name:
-            return None
-        return _time(fwd, graph.size)
+        """Images/s of one timed pass (the first call builds the engine and runs a warm-up pass)."""
+        if name not in built:
+            try:
+                built[name] = _build(name, "timing", model, graph, cache_dir, precision, None, log)
+            except FeatureCacheError:
+                return None
+            built[name](_probe(graph.size))
+        return _time(built[name], graph.size) if built[name].engine == name else None
 
     candidates = [e for e in AUTO_ORDER if installed(e) or e == "tensorflow"]
     chosen = choice.pick(cache_dir, graph, candidates, rate, measure, engine, precision.name, log)
     return built.get(chosen) or _build(chosen, option, model, graph, cache_dir, precision, calibration_images, log)
 
 
-def _time(fwd: Forward, size: int, batch: int = 16, rounds: int = 2) -> float:
-    """Images/s of a forward pass: one warm-up batch, then the best of `rounds` timed batches (values do
-    not change a forward's speed, so seeded random pixels in the network's input range stand in)."""
+def _probe(size: int, batch: int = 32) -> np.ndarray:
+    """Values do not change a forward's speed: seeded random pixels in the network's input range stand in.
+    32 images: four chunks of 8, so every engine's streams are busy as in an extraction."""
+    return np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+
+
+def _time(fwd: Forward, size: int) -> float:
     import time
 
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    x = _probe(size)
+    t0 = time.perf_counter()
     fwd(x)
-    best = 0.0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fwd(x)
-        best = max(best, batch / (time.perf_counter() - t0))
-    return best
+    return len(x) / (time.perf_counter() - t0)
 
 
 def _build(engine: str, option: str, model, graph, cache_dir: Path, precision: Precision, calibration_images,

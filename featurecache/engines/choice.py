@@ -26,6 +26,7 @@ from ..fingerprint import key_id
 RECORD = "choice.json"
 FORMAT = 1
 MEASURE_FROM = 2000  # images to compute from which an extraction measures (a measurement: ~5-30 s)
+ROUNDS = 3  # timed passes per engine, taking turns
 # CPU flags that decide which kernels the engines pick; the rest (virtualisation, bug flags) do not.
 _KERNEL_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                  "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "neon", "asimd", "sve")
@@ -154,7 +155,7 @@ def pick(cache_dir: Path, graph, candidates: list[str], rate: Callable[[str], fl
          fallback: str, precision: str = "float32", log=None) -> str:
     """The engine auto runs: the remembered choice of this graph on this machine; else, when `measure`,
     `rate(engine)` (images/s, None where the engine cannot run it) of every candidate, best kept and
-    remembered; else `fallback` (the fixed order's first)."""
+    remembered; else `fallback` (the fixed order's first). `rate` is called ROUNDS times per engine."""
     if len(candidates) < 2:
         return candidates[0] if candidates else fallback
     if not measure:
@@ -164,11 +165,16 @@ def pick(cache_dir: Path, graph, candidates: list[str], rate: Callable[[str], fl
     entry = record["choices"].get(wid)
     if isinstance(entry, dict) and entry.get("engine") in candidates:
         return entry["engine"]
-    rates = {}
-    for engine in candidates:
-        ips = rate(engine)
-        if ips:
-            rates[engine] = round(ips, 1)
+    # Rounds taking turns (order reversed every other round), median kept: other jobs' load moves within
+    # seconds, and each engine should meet the same share of it.
+    runs: dict[str, list[float]] = {e: [] for e in candidates}
+    for r in range(ROUNDS):
+        for engine in (candidates if r % 2 == 0 else candidates[::-1]):
+            if r == 0 or runs[engine]:
+                ips = rate(engine)
+                if ips:
+                    runs[engine].append(ips)
+    rates = {e: round(sorted(v)[len(v) // 2], 1) for e, v in runs.items() if v}
     if not rates:
         return fallback
     best = max(rates, key=rates.get)
