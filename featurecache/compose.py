@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import views
+from . import upgrades, views
 from .errors import FeatureCacheError
 from .settings import FeatureSpec, RunSettings, calibrated, resolve
 from .store import FeatureStore
@@ -115,6 +115,11 @@ def plan(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=No
     candidates = ([pool] if pool in views.STORED else []) + (["flatten"] if pool != "flatten" else [])
     resolved = {c: resolve(stored_spec(spec, c), native, run.cache_dir) for c in candidates}
     first = resolved[candidates[0]]
+    if any(upgrades.outdated(r) for r in resolved.values()):  # sets made with other library versions
+        from .extract import check_upgrades
+
+        for r in resolved.values():
+            check_upgrades(r, [getattr(ds, split).images for split in splits], store, run)
     ids = [i for split in splits for i in getattr(ds, split).images.ids]
     chosen: dict[str, tuple[str, str]] = {}  # layer -> (stored pooling, source)
     for layer in first.layers:

@@ -134,6 +134,7 @@ def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int |
     for n in res.notices:
         run.say(f"notice: {n}")
     store = FeatureStore(run.cache_dir)
+    check_upgrades(res, sources, store, run)
     p = pending(sources, res, store)
     src, ids, first, sets, need, bad = p.src, p.ids, p.first, p.sets, p.need, p.bad
     todo = p.todo
@@ -156,6 +157,34 @@ def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int |
     skipped = [{"id": i, "name": src.name(first[i]), "reason": r} for i, r in bad.items() if i in first]
     return res, Summary(res.backbone.name, res.weights.label, res.size, len(ids), computed,
                         time.perf_counter() - t0, report, res.notices, skipped, used, res.precision)
+
+
+def check_upgrades(res: Resolved, sources, store: FeatureStore, run: RunSettings) -> None:
+    """Sets of `res` made with other library versions than the running ones (adopted by `resolve`):
+    checked once on a sample of these images (featurecache/upgrades.py); a stale one that the user
+    (--recompute-stale) or its small size lets go is dropped from `res`, so it is computed afresh."""
+    from . import upgrades
+
+    src = first = None
+    for layer in upgrades.outdated(res):
+        fs = store.get(res.set_ids[layer])
+        if fs is None:
+            continue
+        if src is None:
+            src = Sources(sources)
+            first = {}
+            for pos, i in enumerate(src.ids):
+                first.setdefault(i, pos)
+
+        def encode(ids, layer=layer):
+            engine = "tensorflow" if res.precision == "float32" else run.engine  # the reference, as verify
+            enc = encoderlib.Encoder(res, store.cache_dir, engine, "skip", [layer], log=run.say,
+                                     calibration=lambda: calibration_items(res, src)).load()
+            out = enc.encode([src.item(first[i]) for i in ids], [src.name(first[i]) for i in ids], ids)
+            return {i: out.vectors[layer][k] for k, i in enumerate(out.keys)}
+
+        if upgrades.check(fs, set(first), encode, run.say, run.recompute_stale):
+            upgrades.drop(res, layer)
 
 
 def _known_bad(sets, need) -> dict[str, str]:

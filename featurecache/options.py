@@ -63,6 +63,9 @@ OnError = Annotated[Literal["fail", "skip"], typer.Option(
     "--on-error", help="Unreadable images: fail (checks every image before any network work) | skip (leave "
                        "them out, list them).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+RecomputeStale = Annotated[bool, typer.Option(
+    "--recompute-stale", help="A feature set found stale under new TensorFlow, Keras or Pillow versions (its "
+                              "sample rows no longer match): recompute it (sets under 10,000 rows always are).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 Executor = Annotated[Literal["local", "ray"], typer.Option(
     "--executor", help="Where images are encoded: local (this process) | ray (a Ray cluster: --ray-address, or "
@@ -136,7 +139,7 @@ def _run(v: dict):
     return RunSettings(Path(v["cache_dir"]) if v.get("cache_dir") else default_cache_dir(),
                        v.get("engine") or default_engine(), v.get("batch_size", 64),
                        not v.get("quiet", False) and not v.get("as_json", False), v.get("on_error", "fail"),
-                       None, v.get("executor", "local"), cluster)
+                       None, v.get("executor", "local"), cluster, v.get("recompute_stale", False))
 
 
 REQUIRED = inspect.Parameter.empty
@@ -151,7 +154,8 @@ FIT_FEATURES = Group({**FEATURES.fields, "pool": (FitPool, "flatten")}, _feature
 # sweep names its own taps (--layers) and sizes (--sizes): the same feature options less those two.
 SWEEP_FEATURES = Group({k: v for k, v in FEATURES.fields.items() if k not in ("layer", "size")}, _features)
 RUN = Group({"cache_dir": (CacheDir, None), "engine": (Engine, None), "batch_size": (BatchSize, 64),
-             "on_error": (OnError, "fail"), "quiet": (Quiet, False)}, _run)
+             "on_error": (OnError, "fail"), "quiet": (Quiet, False), "recompute_stale": (RecomputeStale, False)},
+            _run)
 # extract and plan also choose where the network runs; fit --extract and sweep run it here.
 EXTRACT_RUN = Group({**RUN.fields, "executor": (Executor, "local"), "ray_address": (RayAddress, None),
                      "workers": (Workers, None), "threads_per_worker": (ThreadsPerWorker, 1)}, _run)

@@ -99,6 +99,7 @@ class RunSettings:
     log: object = field(default=None, compare=False, repr=False)  # callable(str); None: stderr
     executor: str = "local"  # where batches are encoded: local (this process) | ray (featurecache/cluster.py)
     cluster: object = None  # executor "ray": cluster.ClusterSettings (None: a local Ray for the run)
+    recompute_stale: bool = False  # a set stale under new library versions: recompute it (featurecache/upgrades.py)
 
     def __post_init__(self):
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -207,6 +208,9 @@ def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Reso
                    spec.calibration, replace(spec, size=size, layers=tuple(layers)))
     res.keys = {layer: res.key(layer) for layer in layers}
     res.set_ids = {layer: key_id(k) for layer, k in res.keys.items()}
+    from .upgrades import adopt
+
+    adopt(res, cache_dir)  # a miss: a set made with other library versions, otherwise the same, stands in
     return res
 
 
