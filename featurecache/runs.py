@@ -33,16 +33,18 @@ def new_run_id(head: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{head}-{secrets.token_hex(2)}"
 
 
-def evaluate(pipeline, x_train, y_train, x_test, y_test, class_names, pred_test=None) -> dict:
-    """`pred_test`: the test predictions when they are not the pipeline's on `x_test` alone (--tta)."""
+def evaluate(pipeline, x_train, y_train, x_test, y_test, class_names, pred_test=None, pred_train=None) -> dict:
+    """`pred_test`/`pred_train`: predictions made elsewhere (--tta averages views; a streamed fit predicts
+    chunk by chunk), used instead of the pipeline's on `x_test`/`x_train`."""
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     labels = list(range(len(class_names)))
     pred_test = pipeline.predict(x_test) if pred_test is None else pred_test
+    pred_train = pipeline.predict(x_train) if pred_train is None else pred_train
     report = classification_report(y_test, pred_test, labels=labels, target_names=list(class_names),
                                    output_dict=True, zero_division=0)
     return {
-        "train_accuracy": float(accuracy_score(y_train, pipeline.predict(x_train))),
+        "train_accuracy": float(accuracy_score(y_train, pred_train)),
         "test_accuracy": float(accuracy_score(y_test, pred_test)),
         "per_class": {c: {k: round(float(report[c][k]), 4) for k in ("precision", "recall", "f1-score", "support")}
                       for c in class_names},

@@ -75,12 +75,15 @@ def fit_streamed(data, ds, composed: compose.Composed, plans: dict, head: str, o
                 model.partial_fit(x, labels[pick], classes=classes)
     fit_seconds = time.perf_counter() - t0
     sample = np.sort(rng.choice(len(train_ids), min(TRAIN_SAMPLE, len(train_ids)), replace=False))
-    x_sample = compose.read(store, blocks, [train_ids[i] for i in sample])
     test_ids = ds.test.images.ids
     views = [blocks, *(b for _, b in plans.values())] if tta else [blocks]
-    predicted = np.concatenate([
-        heads.averaged(pipeline, [compose.read(store, v, test_ids[lo:lo + chunk]) for v in views]).top_labels[:, 0]
-        for lo in range(0, len(test_ids), chunk)])
-    metrics = evaluate(pipeline, x_sample, labels[sample], None, ds.test.labels, ds.class_names, predicted)
+
+    def predict(ids, sources):  # chunk by chunk, so scoring stays inside the bound too
+        return np.concatenate([heads.averaged(pipeline, [compose.read(store, v, ids[lo:lo + chunk])
+                                                         for v in sources]).top_labels[:, 0]
+                               for lo in range(0, len(ids), chunk)])
+
+    metrics = evaluate(pipeline, None, labels[sample], None, ds.test.labels, ds.class_names,
+                       predict(test_ids, views), predict([train_ids[i] for i in sample], [blocks]))
     return pipeline, metrics, fit_seconds, {"n_train": len(train_ids) * len(sources), "streamed": {
         "chunk_rows": int(chunk), "epochs": epochs, "max_memory": int(limit)}}
