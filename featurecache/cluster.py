@@ -126,6 +126,9 @@ def _quiet_ray(ray) -> None:
     ctx.verbose_stats_logs = False
 
 
+JOIN_ATTEMPTS = 3  # joining through ray:// (see `connected`)
+
+
 @contextmanager
 def connected(cluster: ClusterSettings, log=None):
     """Ray, initialised for this run: a local one started (and stopped afterwards) when no address is
@@ -144,14 +147,25 @@ def connected(cluster: ClusterSettings, log=None):
         probe(address)
         if address.startswith("ray://"):
             _client_auth()
-        try:
-            with warnings.catch_warnings():
-                if not debug:  # Ray Client warns (and then raises) on a connection that times out
-                    warnings.simplefilter("ignore")
-                ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise FeatureCacheError(f"--ray-address {address}: cannot join the Ray cluster ({first})") from None
+        for attempt in range(JOIN_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    if not debug:  # Ray Client warns (and then raises) on a connection that times out
+                        warnings.simplefilter("ignore")
+                    ray.init(address=address, **common)
+                break
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                # Ray Client's proxy starts a server per client; on a busy head it can miss its deadline
+                # ("Initialization failure from server"), which a second try usually gets past.
+                transient = isinstance(e, ConnectionError) and "Initialization failure" in str(e)
+                if transient and attempt + 1 < JOIN_ATTEMPTS:
+                    ray.shutdown()
+                    if log:
+                        log(f"notice: {address} could not start a client server in time; trying again")
+                    time.sleep(2 * (attempt + 1))
+                    continue
+                why = " ".join(str(e).split())[:300] or type(e).__name__
+                raise FeatureCacheError(f"--ray-address {address}: cannot join the Ray cluster ({why})") from None
     else:
         from .engines import threads
 

@@ -68,7 +68,9 @@ def ray_client_address():
     head = subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(free_port()), "--ray-client-server-port",
                              str(client), "--num-cpus", "2", "--temp-dir", str(temp), "--include-dashboard", "false",
                              "--disable-usage-stats", "--block"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            # a loaded 2-core CI machine can take over Ray's 30 s to start a client's server
+                            env=dict(os.environ, RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="120"))
     try:
         deadline = time.monotonic() + 120
         while True:
