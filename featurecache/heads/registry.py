@@ -94,9 +94,10 @@ HEADS: dict[str, Head] = _Registry({
              ("C", "max_iter", "calibrate")),
         Head("svc", "kernel SVM (sklearn SVC, libsvm); slow beyond ~20k samples", "sklearn.svm.SVC",
              "scikit-learn", ("C", "kernel", "gamma", "max_iter", "calibrate"), seeded=True),
+        # C=10, not scikit-learn's 1: on unit-norm codes C=1 is over-regularised (README, "Heads").
         Head("logreg", "multinomial logistic regression (lbfgs)",
              "sklearn.linear_model.LogisticRegression", "scikit-learn", ("C", "max_iter"),
-             fixed=(("solver", "lbfgs"),)),
+             fixed=(("solver", "lbfgs"),), defaults=(("C", 10.0), ("max_iter", 300))),
         Head("mlp", "multi-layer perceptron (adam)", "sklearn.neural_network.MLPClassifier",
              "scikit-learn", ("hidden", "max_iter", "alpha"), seeded=True),
         Head("ridge", "ridge regression on +-1 targets (RidgeClassifier); --alpha ~ 1/(2C)",
