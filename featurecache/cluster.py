@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from .cluster_worker import EncodeActor, _carry, _datasource, _rows, graph_files
-from .encoder import Encoded, Encoder
+from .encoder import Encoded, Encoder, measure_rate
 from .errors import FeatureCacheError
 
 EXECUTORS = ("local", "ray")
@@ -300,13 +300,8 @@ def estimate(encoder: Encoder, src, positions: list[int], batch_size: int, clust
 
         batch = min(batch_size, len(positions))
         try:
-            encode(positions[:batch])  # the actor's start (model, engine) and a first pass: not steady state
-            setup = time.perf_counter() - t0
-            timed = positions[batch:batch + max(probe, batch)] or positions[:batch]
-            t1 = time.perf_counter()
-            for k in range(0, len(timed), batch):
-                encode(timed[k:k + batch])
-            per_worker = len(timed) / (time.perf_counter() - t1)
+            # the actor's start (model, engine) falls in the first batch: setup, not steady state
+            setup, per_worker, timed = measure_rate(encode, positions, batch, probe, t0)
         except Exception as e:
             raise _one_line(e) from None
         finally:
@@ -315,7 +310,7 @@ def estimate(encoder: Encoder, src, positions: list[int], batch_size: int, clust
     return {"executor": "ray", "engine": encoder.engine, "cluster_cpus": cpus, "workers": workers,
             "threads_per_worker": cluster.threads_per_worker, "setup_seconds": round(setup, 2),
             "per_worker_images_per_second": round(per_worker, 1), "measured_images_per_second": round(rate, 1),
-            "measured_images": len(timed), "expected_seconds": round(setup + len(positions) / rate, 1),
+            "measured_images": timed, "expected_seconds": round(setup + len(positions) / rate, 1),
             "skipped": [{"name": n, "reason": r} for n, r in skipped.items()]}
 
 

@@ -18,6 +18,7 @@ zero-argument callable returning one of those (a dataset source's `load`, run on
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -254,3 +255,16 @@ class Encoder:
 
     def __call__(self, items) -> dict[str, np.ndarray]:
         return self.encode(items).vectors
+
+
+def measure_rate(encode, positions: list, batch: int, probe: int, t0: float) -> tuple[float, float, int]:
+    """(setup seconds since `t0`, images/s, images timed) of `encode(chunk)` over `positions`: one batch
+    first (model build, graph compilation, allocation: not steady state), then up to `probe` images timed
+    in batches. plan's local warm-up and the Ray estimate both measure this way."""
+    encode(positions[:batch])
+    setup = time.perf_counter() - t0
+    timed = positions[batch:batch + max(probe, batch)] or positions[:batch]
+    t1 = time.perf_counter()
+    for k in range(0, len(timed), batch):
+        encode(timed[k:k + batch])
+    return setup, len(timed) / (time.perf_counter() - t1), len(timed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import Encoder
+from .encoder import Encoder, measure_rate
 from .engines import choose
 from .extract import Pending, calibration_items, pending
 from .settings import FeatureSpec, Resolved, RunSettings, calibrated, resolve
@@ -107,15 +107,9 @@ def _warm_up(res: Resolved, p: Pending, names: list[str], run: RunSettings, prob
         skipped.update((p.src.name(k), why) for k, why in b.skipped.items())
         enc.run(b)
 
-    encode(positions[:batch])  # first pass: graph compilation and allocation, not steady state
-    setup = time.perf_counter() - t0
-    timed = positions[batch:batch + max(probe, batch)] or positions[:batch]
-    t1 = time.perf_counter()
-    for k in range(0, len(timed), batch):
-        encode(timed[k:k + batch])
-    ips = len(timed) / (time.perf_counter() - t1)
+    setup, ips, timed = measure_rate(encode, positions, batch, probe, t0)
     return {"engine": enc.engine, "setup_seconds": round(setup, 2), "measured_images_per_second": round(ips, 1),
-            "measured_images": len(timed), "expected_seconds": round(setup + len(p.todo) / ips, 1),
+            "measured_images": timed, "expected_seconds": round(setup + len(p.todo) / ips, 1),
             "skipped": [{"name": n, "reason": r} for n, r in skipped.items()]}
 
 
