@@ -4,8 +4,9 @@
     featurecache export --check model.onnx [--data D]         run it with plain ONNX Runtime on the run's
                                                               test images; compare with `featurecache predict`
 
-The file holds the preprocessing, the backbone up to the run's tap (featurecache's own Keras->ONNX
-exporter), the pooling, the normaliser / PCA / head (skl2onnx) and the glue between them
+The file holds the preprocessing, the backbone up to the run's taps (featurecache's own Keras->ONNX
+exporter, or the run's int8 graph), each tap's pooling (stored or a fit-time view) with the blocks joined
+in the run's order, the normaliser / PCA / head (skl2onnx) and the glue between them
 (featurecache/export_graph.py); it takes uint8 RGB images (N, S, S, 3) already resized to the run's
 input size S (the metadata names S and the resize method) and returns `scores`, `label`, `label_name`.
 Running it needs only ONNX Runtime: no Python, TensorFlow or scikit-learn (docs/EXPORT.md).
@@ -53,24 +54,23 @@ def exportable_heads() -> list[str]:
     return names
 
 
-def _check_request(fmt: str, precision: str, record: dict) -> None:
+def _check_request(fmt: str, precision: str | None, record: dict) -> None:
     if fmt not in FORMATS:
         raise FeatureCacheError(f"--format {fmt}: unknown; use {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise FeatureCacheError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
     if record.get("tta"):
         raise FeatureCacheError(f"--run {record['run_id']}: averages test-time views (--tta); export a run "
                                 "fitted without --tta")
-    blocks = record.get("blocks") or []
-    if len(blocks) > 1 or any(b["stored"] != b["pool"] for b in blocks):
-        raise FeatureCacheError(f"--run {record['run_id']}: runs on several taps or on a fit-time pooling "
-                                f"({record.get('features')}) do not export yet; export a run on one stored tap")
     fitted = record.get("spec", {}).get("precision", "float32")
-    if precision == "int8" or fitted == "int8":
+    if precision is not None and precision != fitted:
         raise FeatureCacheError(
-            f"--precision {precision}: run {record['run_id']} was fitted on {fitted} features; only float32 runs "
-            "export for now: the int8 graph is an OpenVINO IR (nncf), which has no ONNX writer, and requantising "
-            "the ONNX graph would give other vectors than the head was fitted on; fit the head on float32 features")
+            f"--precision {precision}: run {record['run_id']} was fitted on {fitted} features, and a file must feed "
+            f"its head the vectors it was fitted on; fit a head on --precision {precision} features and export "
+            f"that run, or drop --precision")
+    if fitted not in PRECISIONS:
+        raise FeatureCacheError(f"--run {record['run_id']}: fitted on {fitted} features, which do not export; "
+                                f"exported precisions: {', '.join(PRECISIONS)}")
 
 
 def _probe_rows(record: dict, cache_dir: Path, dims: int) -> np.ndarray:
@@ -145,15 +145,15 @@ def _run_proto(proto, output: str, x: np.ndarray, input_name: str | None = None)
 
 
 def backbone_part(record: dict, cache_dir: Path, log=None):
-    """(ONNX of preprocessed NHWC -> features, feature dims): our exporter on the rebuilt backbone."""
+    """(ONNX of uint8 images -> the run's vectors, their dims): our exporter on the rebuilt backbone, or the
+    run's own int8 graph for a run fitted on int8 features, with one output per tap; each tap pooled into
+    its block (a stored pooling or a fit-time view), the blocks concatenated in the run's order."""
     from . import export_graph as eg
     from .backbones import get_backbone
     from .backbones.weights import resolve_weights
 
-    layers = record.get("layers") or [record["layer"]]
-    if len(layers) > 1:
-        raise FeatureCacheError(f"--run {record['run_id']}: fitted on {len(layers)} taps ({', '.join(layers)}); "
-                                "export takes single-tap runs for now")
+    blocks = eg.run_blocks(record)
+    taps = list(dict.fromkeys(layer for layer, _ in blocks))
     key = record["feature_key"]
     backbone = get_backbone(key["model"])
     spec = record.get("spec", {})
@@ -161,26 +161,69 @@ def backbone_part(record: dict, cache_dir: Path, log=None):
     if weights.id != key["weights"]:
         raise FeatureCacheError(f"--run {record['run_id']}: the weights {weights.label!r} are now {weights.id}, but "
                                 f"the run's features came from {key['weights']}; fit the head again")
-    from .backbones.build import build_model
     from .engines import onnx_export
 
-    _say(log, f"backbone: building {backbone.name} at {key['size']}px to {key['layer']} ({weights.label})")
-    model = build_model(backbone, weights, int(key["size"]))
-    try:
-        proto = onnx_export.export(model, [key["layer"]])
-    except onnx_export.Unsupported as e:
-        raise FeatureCacheError(f"--run {record['run_id']}: cannot write {backbone.name} as ONNX ({e})") from None
-    tap = onnx_export.output_name(key["layer"])
-    shape = tuple(d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:])
-    pool, dims = eg.pool_model("backbone/" + tap, shape, key["pool"])
-    net = eg.merge(eg.prefixed(proto, "backbone/"), pool, [("backbone/" + tap, "backbone/" + tap)],
-                   outputs=[eg.FEATURES])
+    if record.get("spec", {}).get("precision") == "int8":
+        proto = _int8_backbone(record, key, taps, cache_dir, log)
+    else:
+        from .backbones.build import build_model
+
+        _say(log, f"backbone: building {backbone.name} at {key['size']}px to {', '.join(taps)} ({weights.label})")
+        model = build_model(backbone, weights, int(key["size"]))
+        try:
+            proto = onnx_export.export(model, taps)
+        except onnx_export.Unsupported as e:
+            raise FeatureCacheError(f"--run {record['run_id']}: cannot write {backbone.name} as ONNX ({e})") from None
+    net, dims = eg.pooled(proto, blocks, "backbone/")
     pre = eg.preprocess_model(int(key["size"]), key["preprocess"], "backbone/" + onnx_export.INPUT)
     return eg.merge(pre, net, [("backbone/" + onnx_export.INPUT, "backbone/" + onnx_export.INPUT)],
                     outputs=[eg.FEATURES]), dims
 
 
+def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, log=None):
+    """The int8 QDQ graph the run's features came from (engines/int8.py), cut to the run's taps: no
+    requantising, so the file's backbone is the run's own; only the kernels that run it differ."""
+    import onnx
+
+    from .engines.graphs import Graph, int8_graph
+    from .engines.int8 import is_current
+    from .engines.onnx_export import INPUT, output_name
+    from .settings import Precision
+
+    calibration = Precision.parse(key["precision"]).calibration
+    if not is_current(calibration):
+        raise FeatureCacheError(f"--run {record['run_id']}: fitted on int8 features of an earlier featurecache "
+                                "(an OpenVINO IR, which has no ONNX writer); extract with --precision int8 again, "
+                                "fit the head on them and export that run")
+    def graph(of):
+        return int8_graph(cache_dir, Graph(key["model"], key["weights"], int(key["size"]), tuple(of)), calibration)
+
+    path, groups = graph(taps), {}
+    if path is not None:
+        groups[path] = taps
+    else:  # taps extracted at different times came from different graphs: each tap from its own
+        for tap in taps:
+            if (one := graph([tap])) is None:
+                raise FeatureCacheError(f"--run {record['run_id']}: the int8 graph of {tap} (calibration "
+                                        f"{calibration}) is not in the cache; run `featurecache extract --precision "
+                                        "int8` with the run's settings on its training data to recreate it")
+            groups.setdefault(one, []).append(tap)
+    parts = []
+    for path, group in groups.items():
+        _say(log, f"backbone: the run's int8 graph {path} ({', '.join(group)})")
+        proto = onnx.load(str(path))
+        wanted = [output_name(t) for t in group]
+        if sorted(o.name for o in proto.graph.output) != sorted(wanted):  # made for other taps: keep what these need
+            proto = onnx.utils.Extractor(proto).extract_model([INPUT], wanted)
+        parts.append(proto)
+    from .export_graph import side_by_side
+
+    return parts[0] if len(parts) == 1 else side_by_side(parts, INPUT)
+
+
 def metadata(record: dict, kind: str, classes) -> dict[str, str]:
+    from .export_graph import run_blocks
+
     key = record["feature_key"]
     names = list(record["class_names"])
     return {
@@ -189,6 +232,7 @@ def metadata(record: dict, kind: str, classes) -> dict[str, str]:
         "score_kind": kind,
         "run_id": record["run_id"],
         "feature_key": json.dumps(key, sort_keys=True),
+        "blocks": json.dumps([{"layer": layer, "pool": pool} for layer, pool in run_blocks(record)]),
         "features": record.get("features", ""),
         "head": record["head"],
         "normalize": str(record.get("normalize")),
@@ -196,7 +240,7 @@ def metadata(record: dict, kind: str, classes) -> dict[str, str]:
         "input_size": str(key["size"]),
         "input": f"images: uint8 (N, {key['size']}, {key['size']}, 3) RGB, resized by the caller",
         "resize": key["resize"],
-        "precision": "float32",
+        "precision": record.get("spec", {}).get("precision", "float32"),
         "featurecache_version": __version__,
         "outputs": "scores (N, K) float32 in score_classes order; label (N,) int64 index into class_names; "
                    "label_name (N,) string",
@@ -204,7 +248,7 @@ def metadata(record: dict, kind: str, classes) -> dict[str, str]:
 
 
 def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: str = "onnx",
-               precision: str = "float32", force: bool = False, log=None) -> dict:
+               precision: str | None = None, force: bool = False, log=None) -> dict:
     """Write run `run_id` as one ONNX file; returns a summary (path, sizes, checks)."""
     from .runs import load_head
 
@@ -337,17 +381,21 @@ def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str |
 
 def _predict_rows(record, pipeline, ds, cache_dir, engine, log) -> list[dict]:
     """What `featurecache predict` gives on the test images: the run's head on the run's vectors of them."""
+    from .compose import rows as compose_rows
     from .extract import extract
     from .heads import scores
-    from .predict import run_spec
+    from .predict import label_rows, run_blocks, stored_specs
     from .store import FeatureStore
 
     test = ds.test.images
     if not len(test):
         return []
-    res, _ = extract([test], run_spec(record), cache_dir, progress=False, log=log, engine=engine)
-    x = FeatureStore(cache_dir).get(res.set_ids[record["layer"]]).gather(test.ids)
-    from .predict import label_rows
+    stored = {}
+    for spec in stored_specs(record).values():  # each tap as stored, then the run's blocks of them
+        res, _ = extract([test], spec, cache_dir, progress=False, log=log, engine=engine)
+        stored.update({layer: FeatureStore(cache_dir).get(res.set_ids[layer]).gather(test.ids)
+                       for layer in spec.layers})
+    x = compose_rows(run_blocks(record), stored)
 
     values = scores(pipeline, x.copy()).values  # the normaliser works in place
     rows = label_rows(test.ids, pipeline, x, record["class_names"], top=1)

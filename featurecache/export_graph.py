@@ -1,7 +1,8 @@
 """The pieces of an exported model and how they are joined (see featurecache/export.py).
 
-    images uint8 (N,S,S,3) -> [glue: Cast, preprocessing] -> backbone to the tap (our Keras->ONNX exporter)
-      -> [glue: flatten | avg | max, on NHWC as featurecache stores it] -> features (N, D)
+    images uint8 (N,S,S,3) -> [glue: Cast, preprocessing] -> backbone to the taps (our Keras->ONNX exporter,
+      or the run's int8 QDQ graph) -> [glue per tap: flatten | avg | max as featurecache stores it, or a
+      fit-time view max2x2 | avg2x2 | gridN; blocks concatenated in the run's order] -> features (N, D)
       -> normaliser, PCA, head (skl2onnx; FastLinearSVC and L2Normalizer registered below)
       -> [glue: scores as `featurecache predict` reports them, top label, its name]
 
@@ -83,25 +84,122 @@ def preprocess_model(size: int, mode: str, out: str):
                   [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", size, size, 3])], inits, "preprocess")
 
 
-# ---- glue after the backbone: the tap's NHWC map -> the stored vector ---------------------------------
+# ---- glue after the backbone: each tap's NHWC map -> its block of the run's vector ---------------------
 
-def pool_model(tap: str, shape: tuple, pool: str):
-    """featurecache.taps.pool_maps in ONNX: the tap is NHWC, so flatten keeps Keras's (H, W, C) order."""
+def pool_model(blocks, out: str = FEATURES):
+    """The run's rows in ONNX, from its taps' maps: `blocks` is [(tap value, NHWC shape, pool)] in the run's
+    column order; each tap's map is pooled as featurecache.taps.pool_maps (stored poolings) or
+    featurecache.views.apply (fit-time views) pools it, and the blocks are concatenated (axis 1) into `out`.
+    Returns (model, dims). Maps stay NHWC, so every flatten keeps Keras's (H, W, C) order."""
     from onnx import TensorProto, helper
 
-    nodes, inits = [], []
-    if len(shape) == 1 or pool == "flatten":
-        inits.append(_const("pool/shape", np.array([0, -1], np.int64)))
-        nodes.append(helper.make_node("Reshape", [tap, "pool/shape"], [FEATURES]))
-        dims = int(np.prod(shape))
-    elif pool in ("avg", "max"):
-        kind = "ReduceMean" if pool == "avg" else "ReduceMax"
-        nodes.append(helper.make_node(kind, [tap], [FEATURES], axes=[1, 2], keepdims=0))  # axes: an attribute to 17
-        dims = int(shape[-1])
-    else:
-        raise FeatureCacheError(f"pool {pool!r}: unknown to the exporter")
-    return _model(nodes, [helper.make_tensor_value_info(tap, TensorProto.FLOAT, ["N", *shape])],
-                  [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", dims])], inits, "pool"), dims
+    nodes, inits, dims, parts, inputs = [], [], 0, [], {}
+    for i, (tap, shape, pool) in enumerate(blocks):
+        inputs.setdefault(tap, tuple(int(d) for d in shape))
+        part = out if len(blocks) == 1 else f"pool/{i}/out"
+        dims += _pool_block(nodes, inits, f"pool/{i}", tap, inputs[tap], pool, part)
+        parts.append(part)
+    if len(blocks) > 1:
+        nodes.append(helper.make_node("Concat", parts, [out], axis=1))
+    return _model(nodes, [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["N", *s]) for t, s in inputs.items()],
+                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", dims])], inits, "pool"), dims
+
+
+def _pool_block(nodes, inits, p: str, tap: str, shape: tuple, pool: str, out: str) -> int:
+    """Append the nodes pooling one tap's map into `out` (N, dims); returns dims."""
+    from onnx import helper
+
+    from . import views
+
+    def flat(src: str) -> None:
+        inits.append(_const(f"{p}/shape", np.array([0, -1], np.int64)))
+        nodes.append(helper.make_node("Reshape", [src, f"{p}/shape"], [out]))
+
+    if pool not in views.STORED and not views.is_view(pool):
+        raise FeatureCacheError(f"pool {pool!r}: unknown to the exporter, which writes {', '.join(views.STORED)}, "
+                                f"{', '.join(views.WINDOWS)} and gridN")
+    if len(shape) == 1 or pool == "flatten":  # a vector tap passes through, as taps.pool_maps
+        if len(shape) == 1 and views.is_view(pool):
+            views.dims(shape, pool)  # one line: a view needs a map
+        flat(tap)
+        return int(np.prod(shape))
+    dims = views.dims(shape, pool)
+    h, w, _ = shape
+    if pool in ("avg", "max"):  # axes: an attribute up to opset 17
+        nodes.append(helper.make_node("ReduceMean" if pool == "avg" else "ReduceMax", [tap], [out], axes=[1, 2],
+                                      keepdims=0))
+    elif pool in views.WINDOWS:  # as Keras's 2x2 pooling: stride 2, no padding, odd edges dropped (floor)
+        if h < 2 or w < 2:
+            raise FeatureCacheError(f"--pool {pool}: the map is {h}x{w}, too small for 2x2 windows; use avg or max")
+        nodes += [helper.make_node("Transpose", [tap], [f"{p}/nchw"], perm=[0, 3, 1, 2]),
+                  helper.make_node("MaxPool" if pool == "max2x2" else "AveragePool", [f"{p}/nchw"], [f"{p}/win"],
+                                   kernel_shape=[2, 2], strides=[2, 2]),
+                  helper.make_node("Transpose", [f"{p}/win"], [f"{p}/nhwc"], perm=[0, 2, 3, 1])]
+        flat(f"{p}/nhwc")
+    else:  # gridN: max over PyTorch's adaptive bins; a box's max is the max over its rows of the max over its columns
+        n = int(pool[len("grid"):])
+        src = tap
+        for axis, size in ((1, h), (2, w)):
+            bins = []
+            for j, (lo, hi) in enumerate(views._bins(size, n)):
+                name = f"{p}/ax{axis}/{j}"
+                inits += [_const(f"{name}/{k}", np.array([v], np.int64)) for k, v in (("lo", lo), ("hi", hi),
+                                                                                        ("axis", axis))]
+                nodes += [helper.make_node("Slice", [src, f"{name}/lo", f"{name}/hi", f"{name}/axis"], [f"{name}/cut"]),
+                          helper.make_node("ReduceMax", [f"{name}/cut"], [f"{name}/max"], axes=[axis], keepdims=1)]
+                bins.append(f"{name}/max")
+            nodes.append(helper.make_node("Concat", bins, [f"{p}/ax{axis}"], axis=axis))
+            src = f"{p}/ax{axis}"
+        flat(src)  # (N, n, n, C) -> (N, n*n*C) in (row, column, channel) order, as views.apply
+    return dims
+
+
+def run_blocks(record: dict) -> list[tuple[str, str]]:
+    """(tap, pooling) of each block of a run's vector, in its column order (featurecache.compose.Block);
+    a run saved before fit-time composition is one tap, pooled as stored."""
+    if record.get("blocks"):
+        return [(b["layer"], b["pool"]) for b in record["blocks"]]
+    return [(record["layer"], record["feature_key"]["pool"])]
+
+
+def pooled(backbone, blocks: list[tuple[str, str]], prefix: str):
+    """(backbone joined to the pooling of `blocks`: input `prefix`+onnx_export.INPUT -> FEATURES, dims).
+    `backbone` has one NHWC output per tap, named by onnx_export.output_name."""
+    from .engines.onnx_export import output_name
+
+    shapes = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim[1:]) for o in backbone.graph.output}
+    taps = [prefix + output_name(t) for t in dict.fromkeys(t for t, _ in blocks)]
+    pool, dims = pool_model([(prefix + output_name(t), shapes[output_name(t)], p) for t, p in blocks])
+    return merge(prefixed(backbone, prefix), pool, [(t, t) for t in taps], outputs=[FEATURES]), dims
+
+
+def side_by_side(parts: list, input_name: str):
+    """One model running `parts` (models whose one input is `input_name`) on that input, each part's
+    outputs under their own names (no two parts share one)."""
+    from onnx import ValueInfoProto, compose, helper
+
+    nodes, inits, infos, outputs, opsets = [], [], [], [], {}
+    for i, proto in enumerate(parts):
+        p = f"part{i}/"
+        part = compose.add_prefix(proto, p)
+        nodes.append(helper.make_node("Identity", [input_name], [p + input_name]))
+        nodes += part.graph.node
+        inits += part.graph.initializer
+        infos += part.graph.value_info
+        for o in part.graph.output:
+            out = ValueInfoProto()
+            out.CopyFrom(o)
+            out.name = o.name[len(p):]
+            nodes.append(helper.make_node("Identity", [o.name], [out.name]))
+            outputs.append(out)
+        for o in proto.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    graph = helper.make_graph(nodes, "backbone", [parts[0].graph.input[0]], outputs, initializer=inits,
+                              value_info=infos)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                              producer_name="featurecache")
+    proto.ir_version = IR_VERSION
+    return proto
 
 
 # ---- the scikit-learn part: skl2onnx, with converters for featurecache's own estimators ------------------

@@ -1,6 +1,7 @@
 """`featurecache export`: one ONNX file per run that plain ONNX Runtime runs, image in, label out (issue 17)."""
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -83,7 +84,11 @@ def _plain_ort(path, files, cwd):
 
 @pytest.mark.parametrize("kind", list(RUNS))
 def test_the_file_alone_labels_every_test_image_as_predict_does(exported, kind):
-    run = exported[kind]
+    _same_as_predict(exported, exported[kind])
+
+
+def _same_as_predict(exported, run):
+    """The file, run by onnxruntime alone on every test image, gives `featurecache predict`'s labels and scores."""
     got = _plain_ort(run["path"], exported["files"], exported["root"])
     assert got["loaded"] == []  # neither TensorFlow nor scikit-learn nor featurecache was imported
     k = len(exported["class_names"])
@@ -124,6 +129,83 @@ def test_check_runs_the_file_without_tensorflow_and_agrees(exported):
     r = json.loads(proc.stdout)
     assert r["images"] == 24 and r["agree"] == 24 and r["max_score_difference"] < 1e-4
     assert r["tensorflow_imported"] is False and r["sklearn_imported"] is False
+
+
+# ---- runs on several taps and on fit-time views: one map per tap, each pooled into its block ---------------
+
+# At 32px vgg16's block3_pool is 4x4x256 and block4_pool 2x2x512: max2x2 gives 1024 + 512 columns, read
+# from the stored flattened maps at fit time (views.py) and computed in the file from the maps.
+COMPOSED = {
+    "taps_max2x2": ["--model", "vgg16", "--weights", "random", "--size", "32", "--layer", "block3_pool",
+                    "--layer", "block4_pool", "--pool", "max2x2", "--head", "linsvc"],
+    "avg2x2": ["--model", "vgg16", "--weights", "random", "--size", "32", "--layer", "block3_pool",
+               "--pool", "avg2x2", "--head", "logreg"],
+}
+
+
+@pytest.fixture(scope="module")
+def composed(exported):
+    """The COMPOSED runs fitted in the shared cache (the maps stored once, by the first) and exported."""
+    out = {}
+    for kind, args in COMPOSED.items():
+        proc = run_cli("fit", *DATA, *args, "--json", "-q", "--extract", cache_dir=exported["cache"], check=True)
+        run_id = json.loads(proc.stdout)["run_id"]
+        path = exported["root"] / f"{kind}.onnx"
+        run_cli("export", "--run", run_id, "-o", path, "--json", cache_dir=exported["cache"], check=True)
+        record = json.loads((exported["cache"] / "runs" / run_id / "run.json").read_text())
+        out[kind] = {"run_id": run_id, "path": path, "record": record}
+    return out
+
+
+@pytest.mark.parametrize("kind", list(COMPOSED))
+def test_a_run_on_several_taps_or_a_view_labels_every_test_image_as_predict_does(exported, composed, kind):
+    run = composed[kind]
+    pool = COMPOSED[kind][COMPOSED[kind].index("--pool") + 1]
+    # the run really is one on fit-time views of stored maps
+    assert all(b["stored"] == "flatten" and b["pool"] == pool for b in run["record"]["blocks"])
+    _same_as_predict(exported, run)
+
+
+def test_the_taps_are_pooled_and_joined_in_the_runs_order(composed):
+    import onnx
+
+    run = composed["taps_max2x2"]
+    blocks = run["record"]["blocks"]
+    assert [(b["layer"], b["dims"]) for b in blocks] == [("block3_pool", 1024), ("block4_pool", 512)]
+    proto = onnx.load(str(run["path"]))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["blocks"]) == [{"layer": "block3_pool", "pool": "max2x2"},
+                                          {"layer": "block4_pool", "pool": "max2x2"}]
+    nodes = {n.output[0]: n for n in proto.graph.node}
+    join = nodes["features"]
+    assert join.op_type == "Concat"
+    # each block comes from its own tap: follow each Concat input back to the backbone output it pools
+    def tap_of(value):
+        while not value.startswith("backbone/tap/"):
+            value = nodes[value].input[0]
+        return value
+    assert [tap_of(v) for v in join.input] == ["backbone/tap/block3_pool", "backbone/tap/block4_pool"]
+    assert sum(n.op_type == "MaxPool" for n in proto.graph.node if n.output[0].startswith("pool/")) == 2
+
+
+def test_check_agrees_on_a_run_on_several_taps(exported, composed):
+    proc = run_cli("export", "--check", composed["taps_max2x2"]["path"], "--json", cache_dir=exported["cache"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["images"] == 24 and r["agree"] == 24 and r["max_score_difference"] < 1e-4, r
+
+
+def test_a_tta_run_is_still_refused_in_one_line(exported, composed, tmp_path):
+    cache = exported["cache"]
+    run_id = composed["taps_max2x2"]["run_id"] + "-tta"
+    dst = cache / "runs" / run_id
+    shutil.copytree(cache / "runs" / composed["taps_max2x2"]["run_id"], dst)
+    record = json.loads((dst / "run.json").read_text())
+    record.update(run_id=run_id, tta=True, augment=["hflip"])
+    (dst / "run.json").write_text(json.dumps(record))
+    proc = run_cli("export", "--run", run_id, "-o", tmp_path / "m.onnx", cache_dir=cache)
+    assert proc.returncode == 2 and "--tta" in error_line(proc)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 # ---- bad input: one line each, exit 2 ------------------------------------------------------------------
@@ -181,10 +263,105 @@ def test_check_on_images_of_another_size_is_one_line(exported, tmp_path):
     assert "40x40" in line and "32x32" in line
 
 
-def test_int8_is_refused_in_one_line(exported, tmp_path):
-    proc = run_cli("export", "--run", exported["linsvc"]["run_id"], "--precision", "int8", "-o", tmp_path / "m.onnx",
-                   cache_dir=exported["cache"])
-    assert proc.returncode == 2 and "int8" in error_line(proc)
+needs_int8 = pytest.mark.skipif(importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None,
+                                reason="int8 features need openvino and nncf")
+
+
+@pytest.fixture(scope="module")
+def int8_run(exported):
+    """A linsvc run on int8 features (vgg16 block4_pool, calibrated on the 60 training digits), exported."""
+    proc = run_cli("fit", *DATA, *RUNS["linsvc"], "--precision", "int8", "--json", "-q", "--extract",
+                   cache_dir=exported["cache"], check=True)
+    run_id = json.loads(proc.stdout)["run_id"]
+    path = exported["root"] / "int8.onnx"
+    proc = run_cli("export", "--run", run_id, "-o", path, "--json", cache_dir=exported["cache"], check=True)
+    return {"run_id": run_id, "path": path, "summary": json.loads(proc.stdout)}
+
+
+@needs_int8
+def test_an_int8_run_exports_the_int8_graph_its_features_came_from(exported, int8_run):
+    """The file embeds the run's own QDQ graph (no requantising): int8 weights, QuantizeLinear nodes, a third of
+    the float file's size; plain ONNX Runtime agrees with `featurecache predict` (which ran it on OpenVINO)."""
+    import onnx
+
+    proto = onnx.load(str(int8_run["path"]))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert int8_run["path"].stat().st_size < 0.5 * exported["linsvc"]["path"].stat().st_size
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["precision"] == "int8" and json.loads(meta["feature_key"])["precision"].startswith("int8-openvino-")
+    proc = run_cli("export", "--check", int8_run["path"], "--json", cache_dir=exported["cache"])
+    r = json.loads(proc.stdout)
+    # Another runtime's int8 kernels may round a value differently; the check says by how much.
+    assert r["images"] == 24 and r["agree"] >= 22 and r["tensorflow_imported"] is False
+    assert r["max_score_difference"] < 0.02, r
+    assert proc.returncode == (0 if r["agree"] == 24 else 1)
+
+
+@needs_int8
+def test_a_precision_other_than_the_runs_is_one_line(exported, int8_run, tmp_path):
+    for run_id, asked, fitted in ((exported["linsvc"]["run_id"], "int8", "float32"),
+                                  (int8_run["run_id"], "float32", "int8")):
+        proc = run_cli("export", "--run", run_id, "--precision", asked, "-o", tmp_path / "m.onnx",
+                       cache_dir=exported["cache"])
+        assert proc.returncode == 2
+        line = error_line(proc)
+        assert f"--precision {asked}" in line and f"fitted on {fitted} features" in line
+        assert not (tmp_path / "m.onnx").exists()
+
+
+@needs_int8
+def test_an_int8_run_of_the_first_recipe_is_one_line(exported, int8_run, tmp_path):
+    """Runs on the first recipe's int8 features (an OpenVINO IR, calibration named without a recipe id)
+    cannot export: there is no ONNX graph of them."""
+    cache = exported["cache"]
+    run_id = int8_run["run_id"] + "-ir"
+    dst = cache / "runs" / run_id
+    shutil.copytree(cache / "runs" / int8_run["run_id"], dst)
+    record = json.loads((dst / "run.json").read_text())
+    record["run_id"] = run_id
+    record["feature_key"]["precision"] = "int8-openvino-0123456789ab"
+    (dst / "run.json").write_text(json.dumps(record))
+    proc = run_cli("export", "--run", run_id, "-o", tmp_path / "m.onnx", cache_dir=cache)
+    assert proc.returncode == 2 and "earlier featurecache" in error_line(proc)
+
+
+# int8 runs on several taps: the file holds the graph the taps were extracted with, cut to them; taps
+# extracted at different times came from different graphs, which the file runs side by side on its input.
+INT8_COMPOSED = {
+    "one_graph": ["--layer", "block2_pool", "--layer", "block3_pool"],  # neither stored yet: extracted together
+    "two_graphs": ["--layer", "block3_pool", "--layer", "block4_pool"],  # block4_pool from int8_run's own graph
+}
+
+
+@pytest.fixture(scope="module")
+def int8_composed(exported, int8_run):
+    out = {}
+    for kind, layers in INT8_COMPOSED.items():
+        proc = run_cli("fit", *DATA, "--model", "vgg16", "--weights", "random", "--size", "32", *layers, "--pool",
+                       "max2x2", "--head", "linsvc", "--precision", "int8", "--json", "-q", "--extract",
+                       cache_dir=exported["cache"], check=True)
+        run_id = json.loads(proc.stdout)["run_id"]
+        path = exported["root"] / f"int8-{kind}.onnx"
+        run_cli("export", "--run", run_id, "-o", path, cache_dir=exported["cache"], check=True)
+        out[kind] = {"run_id": run_id, "path": path}
+    return out
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", list(INT8_COMPOSED))
+def test_an_int8_run_on_several_taps_exports_the_graphs_its_features_came_from(exported, int8_composed, kind):
+    import onnx
+
+    run = int8_composed[kind]
+    proto = onnx.load(str(run["path"]))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    parts = {n.output[0].split("/")[1] for n in proto.graph.node if n.output[0].startswith("backbone/part")}
+    assert parts == (set() if kind == "one_graph" else {"part0", "part1"})
+    proc = run_cli("export", "--check", run["path"], "--json", cache_dir=exported["cache"])
+    r = json.loads(proc.stdout)
+    assert r["images"] == 24 and r["agree"] >= 22 and r["tensorflow_imported"] is False, r
+    assert r["max_score_difference"] < 0.02, r
 
 
 # ---- the head part alone, for every head (no TensorFlow) ---------------------------------------------
@@ -258,13 +435,61 @@ def test_pooling_glue_is_featurecache_pool_maps(tmp_path, pool, shape):
     from featurecache.taps import pool_maps
 
     maps = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)
-    model, dims = pool_model("tap", shape, pool)
+    model, dims = pool_model([("tap", shape, pool)])
     path = tmp_path / "pool.onnx"
     path.write_bytes(model.SerializeToString())
     got = session(path).run([FEATURES], {"tap": maps})[0]
     want = pool_maps(maps, pool)
     assert got.shape == want.shape == (4, dims)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["max2x2", "avg2x2", "avg", "max", "grid1", "grid2", "grid3"])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (4, 6, 2), (2, 3, 4)])
+def test_view_glue_is_featurecache_views(tmp_path, pool, shape):
+    """Fit-time views as featurecache.views.apply computes them from the stored flattened map: 2x2 windows
+    dropping odd edges, grid bins as PyTorch's adaptive pooling, (H, W, C) order."""
+    from featurecache import views
+    from featurecache.export_graph import FEATURES, pool_model
+    from featurecache.export_runtime import session
+
+    maps = np.random.default_rng(1).normal(size=(4, *shape)).astype(np.float32)
+    model, dims = pool_model([("tap", shape, pool)])
+    path = tmp_path / "pool.onnx"
+    path.write_bytes(model.SerializeToString())
+    got = session(path).run([FEATURES], {"tap": maps})[0]
+    want = views.apply(maps.reshape(4, -1), shape, pool)
+    assert got.shape == want.shape == (4, dims)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_blocks_are_concatenated_in_order(tmp_path):
+    """Several taps (one of them twice, as two blocks) in one pooling model: columns in the blocks' order."""
+    from featurecache import views
+    from featurecache.export_graph import FEATURES, pool_model
+    from featurecache.export_runtime import session
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(3, 5, 4, 3)).astype(np.float32), rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+    blocks = [("a", (5, 4, 3), "max2x2"), ("b", (3, 3, 2), "grid2"), ("a", (5, 4, 3), "avg")]
+    model, dims = pool_model(blocks)
+    path = tmp_path / "pool.onnx"
+    path.write_bytes(model.SerializeToString())
+    got = session(path).run([FEATURES], {"a": a, "b": b})[0]
+    maps = {"a": a, "b": b}
+    want = np.hstack([views.apply(maps[t].reshape(3, -1), s, p) for t, s, p in blocks])
+    assert got.shape == want.shape == (3, dims) == (3, 2 * 2 * 3 + 2 * 2 * 2 + 3)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,pool,words", [((7,), "max2x2", "vector"), ((1, 4, 3), "avg2x2", "1x4"),
+                                              ((4, 4, 3), "median", "unknown")])
+def test_pooling_the_glue_cannot_write_is_one_line(shape, pool, words):
+    from featurecache.errors import FeatureCacheError
+    from featurecache.export_graph import pool_model
+
+    with pytest.raises(FeatureCacheError, match=words):
+        pool_model([("tap", shape, pool)])
 
 
 def test_force_overwrites_and_the_file_is_whole(exported, tmp_path):
