@@ -19,7 +19,7 @@ from .datasets import Dataset
 from .errors import FeatureCacheError
 from .extract import Resolved, Summary, extract
 from .datasets import DataOptions  # noqa: F401  (public values)
-from .settings import (FeatureSpec, Precision, RunSettings, calibrated, default_cache_dir,  # noqa: F401
+from .settings import (INT8_RECIPE, FeatureSpec, Precision, RunSettings, calibrated, default_cache_dir,  # noqa: F401
                        default_engine, resolve, spec_args)
 from .store import FeatureStore
 

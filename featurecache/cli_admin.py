@@ -178,8 +178,9 @@ def config_cmd(ctx: typer.Context,
 @app.command("export")
 def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id printed by `featurecache fit`.")] = None,
                fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
-               precision: Annotated[str, typer.Option("--precision", help="float32 (int8: not yet, "
-                                                                          "see docs/EXPORT.md).")] = "float32",
+               precision: Annotated[Optional[str], typer.Option(
+                   "--precision", help="float32 or int8; the run's own (a file feeds its head the vectors it was "
+                                       "fitted on).")] = None,
                output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write "
                                                                                    "(default: ./RUN_ID.onnx).")] = None,
                force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,

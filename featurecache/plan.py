@@ -17,7 +17,7 @@ import numpy as np
 from .encoder import Encoder, measure_rate
 from .engines import choose
 from .extract import Pending, calibration_items, pending
-from .settings import FeatureSpec, Resolved, RunSettings, calibrated, resolve
+from .settings import INT8_RECIPE, FeatureSpec, Resolved, RunSettings, calibrated, calibration_sample, resolve
 from .store import ID_DTYPE, FeatureStore
 from .taps import catalogue, check_layers
 
@@ -56,7 +56,7 @@ def run_plan(ds, spec: FeatureSpec, run: RunSettings, probe: int = 128) -> dict:
         names = [t.name for t in taps if p.need[t.name]]
         out.update(_warm_up(res, p, names, run, probe))
         out["engines_measured"] = _measured(res, names, run)
-    out["precisions"] = _precisions(res.precision)
+    out["precisions"] = _precisions(res, ds, run)
     return out
 
 
@@ -68,23 +68,100 @@ def _measured(res: Resolved, names: list[str], run: RunSettings) -> dict | None:
     return choice.remembered(run.cache_dir, Graph(res.backbone.name, res.weights.id, res.size, tuple(names)))
 
 
-def _precisions(current: str) -> list[dict]:
-    """The other precisions this machine could run, each a separate feature set (docs/BENCHMARKS.md: their
-    speed and accuracy on Fashion-MNIST)."""
+def _precisions(res: Resolved, ds, run: RunSettings) -> list[dict]:
+    """The other precisions this machine could run, each a separate feature set, with the evidence at
+    hand for what it saves and costs: its speed against float32's on OpenVINO, timed now on graphs
+    already converted for these taps, and the test accuracy of runs in this cache fitted alike at both
+    precisions (docs/BENCHMARKS.md has the same on the full Fashion-MNIST)."""
     from .engines import choice, installed
 
+    ov, nncf = installed("openvino"), importlib.util.find_spec("nncf") is not None
+    calibration = calibration_sample(ds.train.images.ids)[1] if len(ds.train.images) else ""
+    rates = _rates(res, run, calibration) if ov else {}
+    accuracy = _run_pairs(res, run.cache_dir)
     out = []
-    if current != "bf16":
-        ok = choice.has_bf16() and installed("openvino")
-        out.append({"precision": "bf16", "available": ok,
-                    "why": "bfloat16 arithmetic on OpenVINO (this CPU has AVX512_BF16 or AMX)" if ok else
-                    "needs a CPU with AVX512_BF16 or AMX, and openvino" if not choice.has_bf16() else
-                    "needs openvino (`pip install openvino onnx`)"})
-    if current != "int8":
-        ok = installed("openvino") and importlib.util.find_spec("nncf") is not None
-        out.append({"precision": "int8", "available": ok,
-                    "why": "nncf's post-training quantisation on OpenVINO, calibrated on 300 of your training images"
-                    if ok else "needs openvino and nncf (`pip install openvino onnx nncf`)"})
+    for name in ("float32", "bf16", "int8"):
+        if name == res.precision:
+            continue
+        row = {"precision": name, "available": ov or name == "float32"}
+        if name == "bf16":
+            row["available"] = ov and choice.has_bf16()
+            row["why"] = ("bfloat16 arithmetic on OpenVINO (this CPU has AVX512_BF16 or AMX)" if row["available"] else
+                          "needs a CPU with AVX512_BF16 or AMX, and openvino" if not choice.has_bf16() else
+                          "needs openvino (`pip install openvino onnx`)")
+        elif name == "int8":
+            row["available"] = ov and nncf
+            row["why"] = (f"nncf's post-training quantisation, calibrated on {INT8_RECIPE['samples']} of your training "
+                          "images, on OpenVINO"
+                          if row["available"] else "needs openvino and nncf (`pip install openvino onnx nncf`)")
+        else:
+            row["why"] = "the reference precision"
+        if rates.get(name) and rates.get("float32") and name != "float32":
+            row["speed"] = {"images_per_second": round(rates[name], 1), "float32": round(rates["float32"], 1),
+                            "ratio": round(rates[name] / rates["float32"], 2)}
+        if name != "float32" and accuracy.get(name):
+            row["accuracy"] = accuracy[name]
+        out.append(row)
+    return out
+
+
+def _rates(res: Resolved, run: RunSettings, calibration: str) -> dict[str, float]:
+    """Images/s on OpenVINO per precision whose graph for these taps is already in the cache (no
+    conversion or calibration is paid for a plan); a precision without one is left out."""
+    from .engines import choice, images_per_second, make_forward
+    from .engines.graphs import Graph, int8_graph
+    from .settings import Precision
+
+    graph = Graph(res.backbone.name, res.weights.id, res.size, tuple(res.layers))
+    cached = {"float32": (graph.folder(run.cache_dir) / "model.onnx").is_file()}
+    cached["bf16"] = cached["float32"] and choice.has_bf16()
+    cached["int8"] = bool(calibration) and int8_graph(run.cache_dir, graph, calibration) is not None
+    rates = {}
+    for name, ok in cached.items():
+        if not ok:
+            continue
+        try:
+            precision = Precision(name, calibration if name == "int8" else "")
+            fwd = make_forward("openvino", None, graph, run.cache_dir, precision)
+            rates[name] = images_per_second(fwd, res.size)
+        except Exception as e:  # evidence, not the plan: a graph that will not run is left out, said why
+            run.say(f"notice: could not time {name} for the plan ({str(e).splitlines()[0][:160]})")
+    return rates
+
+
+def _run_pairs(res: Resolved, cache_dir: Path) -> dict[str, list[dict]]:
+    """Runs in this cache on these taps that differ only in precision: test accuracy at each, per precision."""
+    import json
+
+    from .runs import runs_dir
+
+    groups: dict[str, dict[str, dict]] = {}
+    for path in sorted(runs_dir(cache_dir).glob("*/run.json")):
+        try:
+            r = json.loads(path.read_text())
+            key, spec = r["feature_key"], r["spec"]
+            same = (key["model"], key["weights"], key["size"], key["resize"], key["preprocess"]) == \
+                (res.backbone.name, res.weights.id, res.size, res.resize, res.preprocess_mode)
+            if not same or not set(r.get("layers") or [r["layer"]]) <= set(res.layers):
+                continue
+            group = json.dumps([r["data_options"], r["features"], r["head"], r["head_params"], r["normalize"],
+                                r["pca"], r.get("augment"), r.get("tta")], sort_keys=True, default=str)
+            groups.setdefault(group, {})[spec["precision"]] = r  # sorted by id, so the newest run wins
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    out: dict[str, list[dict]] = {}
+    for runs in groups.values():
+        if "float32" not in runs:
+            continue
+        base = runs["float32"]
+        for name, r in runs.items():
+            if name == "float32":
+                continue
+            a, b = base["metrics"]["test_accuracy"], r["metrics"]["test_accuracy"]
+            out.setdefault(name, []).append({
+                "features": r["features"], "head": r["head"], "data": r["data_options"]["data"],
+                "test_images": r.get("n_test"), "float32": a, name: b, "delta_points": round(100 * (b - a), 2),
+                "runs": [base["run_id"], r["run_id"]]})
     return out
 
 
@@ -141,7 +218,18 @@ def describe(out: dict) -> str:
                      + ", ".join(f"{e} {r} images/s" for e, r in rates) + f"; auto runs {measured['engine']}")
     for p in out.get("precisions", []):
         lines.append(f"  --precision {p['precision']}: {'available' if p['available'] else 'not available'}, "
-                     f"{p['why']}; a separate feature set (speed and accuracy: docs/BENCHMARKS.md)")
+                     f"{p['why']}; a separate feature set")
+        if p.get("speed"):
+            sp = p["speed"]
+            lines.append(f"      speed measured now on openvino: {sp['ratio']:.2f}x float32 "
+                         f"({sp['images_per_second']} vs {sp['float32']} images/s)")
+        for a in p.get("accuracy", [])[:3]:
+            lines.append(f"      accuracy on your runs: {a['head']} on {a['features']} ({a['data']}, {a['test_images']} "
+                         f"test images): {a['float32']:.4f} float32, {a[p['precision']]:.4f} {p['precision']} "
+                         f"({a['delta_points']:+.2f} points)")
+        if p["precision"] != "float32" and p["available"] and not p.get("speed") and not p.get("accuracy"):
+            lines.append("      no evidence in this cache yet (extract and fit once at this precision); "
+                         "docs/BENCHMARKS.md has speed and accuracy on Fashion-MNIST")
     if out.get("skipped"):
         lines.append(f"left out {len(out['skipped'])} unreadable image(s) of the warm-up (--on-error skip)")
     lines.append(f"disk: +{mb(out['bytes_to_add'])}, {mb(out['bytes_after'])} for these feature sets in all")

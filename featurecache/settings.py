@@ -118,20 +118,33 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-CALIBRATION_SAMPLE = 300  # nncf's default subset size; more brought no accuracy on Fashion-MNIST and costs time
+# How an int8 graph is made (engines/int8.py reads it): everything here moves int8 vectors, so its id
+# enters every int8 key through the calibration name, "<recipe id>-<sample id>" (`calibration_sample`).
+# Calibration names without a recipe id are the first recipe's (nncf on OpenVINO IR), read but no longer made.
+INT8_RECIPE = {
+    "format": "onnx-qdq",  # nncf's ONNX backend: one QuantizeLinear/DequantizeLinear graph that OpenVINO runs
+    # with its int8 kernels and that `featurecache export` can embed as it is
+    "samples": 300,  # nncf's default subset size
+    "preset": "performance",  # symmetric activations, symmetric per-channel weights
+    "fast_bias_correction": True,
+}
 
 
-def calibration_sample(train_ids: list[str], n: int = CALIBRATION_SAMPLE) -> tuple[list[str], str]:
-    """(chosen image ids, 12-hex id of the sample): a seeded choice among the training images' content
-    hashes, independent of file order, so the same training set always gives the same int8 set."""
+def int8_recipe_id() -> str:
+    return key_id(INT8_RECIPE)[:6]
+
+
+def calibration_sample(train_ids: list[str]) -> tuple[list[str], str]:
+    """(chosen image ids, calibration name "<recipe id>-<sample id>"): a seeded choice among the training
+    images' content hashes, independent of file order, so the same training set always gives the same int8 set."""
     import hashlib
 
     import numpy as np
 
     unique = sorted(set(train_ids))
-    order = np.random.default_rng(0).permutation(len(unique))[:n]
+    order = np.random.default_rng(0).permutation(len(unique))[:INT8_RECIPE["samples"]]
     chosen = sorted(unique[k] for k in order)
-    return chosen, hashlib.blake2b("\n".join(chosen).encode(), digest_size=6).hexdigest()
+    return chosen, f"{int8_recipe_id()}-" + hashlib.blake2b("\n".join(chosen).encode(), digest_size=6).hexdigest()
 
 
 def calibrated(spec: FeatureSpec, train_ids: list[str]) -> FeatureSpec:

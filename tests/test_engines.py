@@ -134,6 +134,21 @@ def test_int8_is_another_feature_set_calibrated_once(small, tmp_path, monkeypatc
         extract_dataset(small, spec8, tmp_path, progress=False, engine="onnxruntime")
 
 
+@pytest.mark.skipif(not engines.installed("openvino"), reason="int8 runs on openvino")
+def test_verify_checks_one_tap_of_an_int8_set_extracted_beside_others(small, tmp_path):
+    """Sets extracted together share one int8 graph (a graph per tap set); verifying one of them finds that
+    graph rather than asking for a calibration the training images are not at hand for."""
+    from featurecache.verify import verify
+
+    spec8 = FeatureSpec("vgg16", "random", ("block4_pool", "block5_pool"), size=32, precision="int8")
+    _, q = extract_dataset(small, spec8, tmp_path, progress=False)
+    assert len(list((tmp_path / "engines").glob("*/int8-*.onnx"))) == 1
+    for s in q.sets:
+        fs = FeatureStore(tmp_path).get(s["id"])
+        report = verify(fs, small, 4, tmp_path)
+        assert report.ok and any(n.startswith("recomputed 4 rows") for n in report.notes), report.line()
+
+
 def test_unknown_or_missing_engine_is_one_line(tmp_path, monkeypatch):
     proc = run_cli("extract", "--data", "digits", "--model", "vgg16", "--weights", "random", "--size", "32",
                    "--engine", "cuda", cache_dir=tmp_path)

@@ -77,8 +77,55 @@ def test_a_taps_int8_vectors_do_not_depend_on_the_other_taps_requested(tmp_path)
     x = preprocess(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), backbone.preprocess)
     out = {}
     for taps in (("block4_pool",), ("block4_pool", "block5_pool")):
-        fwd = make_forward("openvino", model, Graph("vgg16", weights.id, 32, taps), tmp_path, Precision("int8", "t"),
+        fwd = make_forward("openvino", model, Graph("vgg16", weights.id, 32, taps), tmp_path, Precision("int8", "qdq-t"),
                            lambda: calib)
         out[taps] = fwd(x)[0]
     alone, beside = out[("block4_pool",)], out[("block4_pool", "block5_pool")]
     assert np.abs(alone - beside).max() <= 1e-5 * np.abs(alone).max()
+
+
+def test_the_int8_recipe_is_in_the_key(tmp_path, monkeypatch):
+    """A changed recipe (settings.INT8_RECIPE) names other int8 sets; the first recipe's calibration names
+    (no recipe id) still parse, and are told apart from the current recipe's."""
+    from featurecache import settings
+    from featurecache.engines.int8 import is_current
+
+    ids = [f"{k:064x}" for k in range(500)]
+    _, name = settings.calibration_sample(ids)
+    assert name.startswith(settings.int8_recipe_id() + "-") and is_current(name) and not is_current("0123456789ab")
+    before = settings.calibrated(FeatureSpec(**{**SPEC.__dict__, "precision": "int8"}), ids)
+    monkeypatch.setitem(settings.INT8_RECIPE, "samples", 1000)
+    after = settings.calibrated(FeatureSpec(**{**SPEC.__dict__, "precision": "int8"}), ids)
+    assert before.calibration != after.calibration
+    assert resolve(before, None, tmp_path).set_ids != resolve(after, None, tmp_path).set_ids
+    assert Precision.parse(Precision("int8", before.calibration).key()) == Precision("int8", before.calibration)
+
+
+@needs_openvino
+@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="int8 needs nncf")
+def test_plan_weighs_int8_on_the_evidence_at_hand(tmp_path):
+    """`plan` times the cached float32 and int8 graphs of these taps now, and pairs the runs in the cache that
+    differ only in precision: their test accuracies and the difference in points."""
+    import json
+
+    from conftest import run_cli
+
+    args = ["--data", "digits", "--max-train", "80", "--max-test", "40", "--model", "vgg16", "--weights", "random",
+            "--layer", "block4_pool", "--engine", "openvino"]
+    before = json.loads(run_cli("plan", *args, "--json", cache_dir=tmp_path, check=True).stdout)
+    [row] = [p for p in before["precisions"] if p["precision"] == "int8"]
+    assert "accuracy" not in row and "speed" not in row  # no int8 graph and no runs yet: nothing claimed
+    acc = {}
+    for p in ("float32", "int8"):
+        out = run_cli("fit", *args, "--precision", p, "--head", "linsvc", "--extract", "--json", "-q",
+                      cache_dir=tmp_path, check=True).stdout
+        acc[p] = json.loads(out)["test_accuracy"]
+    after = json.loads(run_cli("plan", *args, "--json", cache_dir=tmp_path, check=True).stdout)
+    [row] = [p for p in after["precisions"] if p["precision"] == "int8"]
+    assert row["speed"]["images_per_second"] > 0 and row["speed"]["float32"] > 0
+    assert row["speed"]["ratio"] == round(row["speed"]["images_per_second"] / row["speed"]["float32"], 2)
+    [pair] = row["accuracy"]
+    assert (pair["float32"], pair["int8"]) == (acc["float32"], acc["int8"])
+    assert pair["delta_points"] == round(100 * (acc["int8"] - acc["float32"]), 2) and pair["head"] == "linsvc"
+    text = run_cli("plan", *args, cache_dir=tmp_path, check=True).stdout
+    assert "accuracy on your runs: linsvc" in text and "speed measured now on openvino" in text

@@ -115,13 +115,13 @@ def make_forward(option: str, model, graph, cache_dir: Path, precision: Precisio
 
     def rate(name: str) -> float | None:
         """Images/s of one timed pass (the first call builds the engine and runs a warm-up pass)."""
-        if name not in built:
+        first = name not in built
+        if first:
             try:
                 built[name] = _build(name, "timing", model, graph, cache_dir, precision, None, log)
             except FeatureCacheError:
                 return None
-            built[name](_probe(graph.size))
-        return _time(built[name], graph.size) if built[name].engine == name else None
+        return images_per_second(built[name], graph.size, warm=first) if built[name].engine == name else None
 
     candidates = [e for e in AUTO_ORDER if installed(e) or e == "tensorflow"]
     chosen = choice.pick(cache_dir, graph, candidates, rate, measure, engine, precision.name, log)
@@ -134,10 +134,14 @@ def _probe(size: int, batch: int = 32) -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
 
 
-def _time(fwd: Forward, size: int) -> float:
+def images_per_second(fwd: Forward, size: int, warm: bool = True) -> float:
+    """Images/s of one timed pass over the probe batch (after a warm-up pass, which builds the engine's
+    kernels, unless `warm` is False because one already ran)."""
     import time
 
     x = _probe(size)
+    if warm:
+        fwd(x)
     t0 = time.perf_counter()
     fwd(x)
     return len(x) / (time.perf_counter() - t0)

@@ -2,7 +2,9 @@
 
     model.onnx                         the float32 graph (onnx_export), run by ONNX Runtime
     openvino-<ver>.xml/.bin            the same graph as OpenVINO IR (weights kept in float32)
-    int8-<calibration>-openvino-<ver>  nncf's int8 graph, calibrated on a sample of the user's images
+    int8-<calibration>.onnx            nncf's int8 QDQ graph, calibrated on a sample of the user's images
+                                       (OpenVINO runs it; `export` embeds it). int8-<sample>-openvino-<ver>:
+                                       the first recipe's IR, still read
     meta.json                          what the id was made from
 
 Each file is written under a temporary name and renamed into place (the .bin before its .xml), so a
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import versions
+from ..errors import FeatureCacheError
 from ..fingerprint import key_id
 from ..settings import Precision
 from . import onnx_export
@@ -99,21 +102,51 @@ def convert(engine: str, model, graph: Graph, cache_dir: Path, precision: Precis
 
             _save_ir(ov.convert_model(str(_onnx(folder, model, taps, log))), xml)
         return xml
-    xml = folder / f"int8-{precision.calibration}-openvino-{ver}.xml"
-    if not xml.is_file():
-        from .int8 import quantize
+    from .int8 import is_current, quantize
 
+    if not is_current(precision.calibration):  # the first recipe's OpenVINO IR: read where cached, never made
+        xml = folder / f"int8-{precision.calibration}-openvino-{ver}.xml"
+        if not xml.is_file():
+            raise FeatureCacheError(f"--precision int8: sample {precision.calibration} names an int8 graph of an "
+                                    f"earlier featurecache, which is not in {folder}; extract with --precision int8 "
+                                    "again (a new feature set) and fit the head on it")
+        return xml
+    path = folder / f"int8-{precision.calibration}.onnx"
+    if not path.is_file() and calibration_images is None:
+        # e.g. `cache verify` of one tap of a set extracted beside others: that graph has this tap's vectors too
+        path = int8_graph(cache_dir, graph, precision.calibration) or path
+    if not path.is_file():
         if calibration_images is None:
-            from ..errors import FeatureCacheError
-
             raise FeatureCacheError(f"--precision int8: the int8 graph calibrated on sample {precision.calibration} "
                                     f"is not in {folder}; run `featurecache extract --precision int8` on the "
                                     "training data again to recreate it")
         images = np.asarray(calibration_images())
         if log:
             log(f"notice: calibrating int8 {graph.model} on {len(images)} of your training images (once)")
-        _save_ir(quantize(str(_onnx(folder, model, taps, log)), images), xml)
-    return xml
+        proto = quantize(str(_onnx(folder, model, taps, log)), images)
+        tmp = _tmp(path)
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, path)
+    return path
+
+
+def int8_graph(cache_dir: Path, graph: Graph, calibration: str) -> Path | None:
+    """The cached int8 QDQ graph of `graph`, or of a graph over more taps of the same network (a tap's int8
+    vectors do not depend on the other taps: tests/test_precision.py), or None."""
+    name = f"int8-{calibration}.onnx"
+    exact = graph.folder(cache_dir) / name
+    if exact.is_file():
+        return exact
+    want = {k: v for k, v in graph.parts().items() if k != "taps"}
+    for meta in sorted((Path(cache_dir) / "engines").glob("*/meta.json")):
+        try:
+            parts = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in parts.items() if k != "taps"} == want and set(graph.taps) <= set(parts.get("taps", [])) \
+                and (meta.parent / name).is_file():
+            return meta.parent / name
+    return None
 
 
 def graph(engine: str, model, model_name: str, weights_id: str, size: int, taps: list[str], cache_dir: Path,
