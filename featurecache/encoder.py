@@ -148,18 +148,22 @@ class Encoder:
 
     # ---- the network --------------------------------------------------------------------------------
     def load(self) -> Encoder:
-        """Build the model and its forward pass on the engine (once)."""
+        """Make the forward pass on the engine (once), building the network only where it is needed."""
         if self._forward is None:
             from .backbones.build import build_model
             from .engines import make_forward
             from .engines.graphs import Graph
 
             res = self.res
-            if self._model is None:
-                self._model = build_model(res.backbone, res.weights, res.size)
+
+            def model():  # built only if a graph must be converted or TensorFlow runs it (engines.graphs.built)
+                if self._model is None:
+                    self._model = build_model(res.backbone, res.weights, res.size)
+                return self._model
+
             graph = Graph(res.backbone.name, res.weights.id, res.size, self.taps)
             images = (lambda: self._calibration_batch()) if self._calibration else None
-            self._forward = make_forward(self.option, self._model, graph, self.cache_dir, res.precision_setting,
+            self._forward = make_forward(self.option, model, graph, self.cache_dir, res.precision_setting,
                                          images, self.log, self.measure)
             self._model = None  # the forward pass holds what it needs
         return self

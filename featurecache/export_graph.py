@@ -141,7 +141,7 @@ def _pool_block(nodes, inits, p: str, tap: str, shape: tuple, pool: str, out: st
         src = tap
         for axis, size in ((1, h), (2, w)):
             bins = []
-            for j, (lo, hi) in enumerate(views._bins(size, n)):
+            for j, (lo, hi) in enumerate(views.bins(size, n)):
                 name = f"{p}/ax{axis}/{j}"
                 inits += [_const(f"{name}/{k}", np.array([v], np.int64)) for k, v in (("lo", lo), ("hi", hi),
                                                                                         ("axis", axis))]

@@ -81,12 +81,12 @@ def _pool(maps: np.ndarray, pool: str) -> np.ndarray:
         cut = maps[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
         return cut.max(axis=(2, 4)) if pool == "max2x2" else cut.mean(axis=(2, 4), dtype=np.float32)
     g = int(_GRID.match(pool).group(1))
-    rows, cols = _bins(h, g), _bins(w, g)
+    rows, cols = bins(h, g), bins(w, g)
     return np.stack([np.stack([maps[:, r0:r1, c0:c1].max(axis=(1, 2)) for c0, c1 in cols], axis=1)
                      for r0, r1 in rows], axis=1)
 
 
-def _bins(size: int, n: int) -> list[tuple[int, int]]:
+def bins(size: int, n: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive pooling bins: [floor(i*size/n), ceil((i+1)*size/n))."""
     return [(i * size // n, -(-(i + 1) * size // n)) for i in range(n)]
 

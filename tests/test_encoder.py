@@ -54,6 +54,28 @@ def test_a_description_rebuilt_in_a_fresh_process_gives_the_same_vectors(encoder
         np.testing.assert_allclose(got[tap], want[tap], rtol=1e-6, atol=1e-6 * np.abs(want[tap]).max())
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_encoder_on_a_cached_graph_builds_no_network(engine, files, tmp_path):
+    """Once a graph is converted, an encoder for it (a Ray actor, `predict`, `serve`) runs it without
+    building the Keras model or importing TensorFlow, and gives the same vectors as the one that converted it."""
+    pytest.importorskip(engine)
+    first = make_encoder(SPEC, tmp_path, engine=engine)
+    want = first([str(p) for p in files])
+    (tmp_path / "desc.pkl").write_bytes(pickle.dumps(first.description))
+    code = (
+        "import pickle, sys, numpy as np\n"
+        f"enc = pickle.loads(open({str(tmp_path / 'desc.pkl')!r}, 'rb').read()).build()\n"
+        f"out = enc({[str(p) for p in files]!r})\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n"
+        "print(enc.engine, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [engine, "False", "False"]
+    got = np.load(tmp_path / "out.npz")
+    for tap in want:
+        np.testing.assert_allclose(got[tap], want[tap], rtol=1e-6, atol=1e-6 * np.abs(want[tap]).max())
+
+
 def test_paths_bytes_and_arrays_of_one_image_give_one_vector(encoder, files):
     path = files[0]
     pixels = np.asarray(Image.open(path))

@@ -99,6 +99,7 @@ class Forward:
 def make_forward(option: str, model, graph, cache_dir: Path, precision: Precision = Precision(),
                  calibration_images=None, log=None, measure: bool = False) -> Forward:
     """The forward pass of `graph` (engines.graphs.Graph: model, weights, size, taps) for `--engine option`.
+    `model`: the Keras model, or a function that builds it (built only if a conversion or TensorFlow needs it).
 
     With `auto`, a model the exporter cannot convert runs on TensorFlow with a notice (same vectors);
     an engine named explicitly fails in one line instead. `calibration_images()` gives the int8
@@ -149,12 +150,13 @@ def images_per_second(fwd: Forward, size: int, warm: bool = True) -> float:
 
 def _build(engine: str, option: str, model, graph, cache_dir: Path, precision: Precision, calibration_images,
            log, device: str = "cpu") -> Forward:
+    from . import graphs
     from .tensorflow import tensorflow_forward
 
     taps = list(graph.taps)
     if engine == "tensorflow":
-        return Forward(engine, graph.taps, tensorflow_forward(model, taps), device)
-    from . import graphs, runtimes
+        return Forward(engine, graph.taps, tensorflow_forward(graphs.built(model), taps), device)
+    from . import runtimes
     from .onnx_export import Unsupported
 
     try:
@@ -168,6 +170,6 @@ def _build(engine: str, option: str, model, graph, cache_dir: Path, precision: P
                                     + (" --precision float32" if precision.name != "float32" else "")) from None
         if log:
             log(f"notice: {engine} cannot run {graph.model} ({e}); using tensorflow (same vectors)")
-        return Forward("tensorflow", graph.taps, tensorflow_forward(model, taps))
+        return Forward("tensorflow", graph.taps, tensorflow_forward(graphs.built(model), taps))
     settings = {"precision": "bf16"} if precision.bf16 else {"device": "gpu"} if device == "gpu" else {}
     return Forward(engine, graph.taps, runtimes.forward(engine, path, taps, **settings), device)

@@ -56,9 +56,17 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def built(model):
+    """The Keras model from `model`: the model itself, or a function that builds it. A function is called
+    only where a graph must be converted (or TensorFlow runs it), so a process whose graphs are cached
+    (a Ray actor, `predict`, `serve`) never builds the network or imports TensorFlow for it."""
+    return model() if callable(model) and not hasattr(model, "layers") else model
+
+
 def _onnx(folder: Path, model, taps: list[str], log) -> Path:
     path = folder / "model.onnx"
     if not path.is_file():
+        model = built(model)
         proto = onnx_export.export(model, sorted(taps))
         folder.mkdir(parents=True, exist_ok=True)
         tmp = _tmp(path)
