@@ -99,7 +99,7 @@ def pct(values, q) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", help="a fitted float32 run (default: make one on digit PNGs)")
+    ap.add_argument("--run", help="a fitted run (default: make one on digit PNGs)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: a fresh temporary folder")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--weights", default="imagenet")
@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--pool", default="avg")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--head", default="logreg")
+    ap.add_argument("--precision", default="float32", help="of the made run's features (int8: the file embeds the "
+                    "run's int8 graph); its own section in docs/BENCHMARKS.md")
     ap.add_argument("--per-class", type=int, default=10, help="digit PNGs per class for the made run")
     ap.add_argument("--images", type=int, default=128, help="new images in the batched measurements")
     ap.add_argument("--single", type=int, default=30, help="single-image calls measured, for each side")
@@ -125,7 +127,8 @@ def main():
         data = work / "digits"
         write_digit_images(data, args.per_class, classes=range(10))
         fit = ["fit", "--data", str(data), "--model", args.model, "--weights", args.weights, "--pool", args.pool,
-               "--size", str(args.size), "--head", args.head, "--extract", "--json", "--quiet"]
+               "--size", str(args.size), "--head", args.head, "--precision", args.precision, "--extract", "--json",
+               "--quiet"]
         if args.layer:
             fit += ["--layer", args.layer]
         run_id = json.loads(cli(fit, env)[0])["run_id"]
@@ -165,7 +168,6 @@ def main():
               f"featurecache predict {args.images / fc_batch[-1]:.1f} images/s", flush=True)
     ort = {"ort": ort_runs[0]["ort"], "load_s": min(r["load_s"] for r in ort_runs),
            "latency_s": [x for r in ort_runs for x in r["latency_s"]], "batch_s": min(r["batch_s"] for r in ort_runs)}
-    fc_batch_s = min(fc_batch)
     agree = sum(r["label"] == n for r, n in zip(rows, ort_runs[0]["labels"]))
 
     one = noise_pngs(work / "cli-one", 1, size, seed=5)
@@ -208,14 +210,17 @@ same load. Both gave the same label on {agree} of {n} batch images.
 {table}
 
 In one warm process the exported file answers a single image **{ratio_single:.1f}x** faster than
-`featurecache predict` (each call of which, at this commit, builds the backbone and its engine session
-again, hashes the images and reads and writes the feature cache), and its batched throughput is **{ratio_batch:.2f}x** that of `featurecache predict` (best turns;
+`featurecache predict` (each call of which, at this commit, makes its engine session again, hashes the
+images and reads and writes the feature cache), and its batched throughput is **{ratio_batch:.2f}x** that of `featurecache predict` (best turns;
 {ratio_median:.2f}x on the medians). With the load average above the core count, single figures move by
 several times between turns: compare the two rows of one run, not figures of different runs.
 """
     print(body)
     if not args.no_write:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "Export (scripts/bench_export.py)", body)
+        precision = record.get("spec", {}).get("precision", "float32")
+        title = "Export (scripts/bench_export.py)" if precision == "float32" else \
+            f"Export, {precision} run (scripts/bench_export.py --precision {precision})"
+        write_section(ROOT / "docs" / "BENCHMARKS.md", title, body)
 
 
 if __name__ == "__main__":
