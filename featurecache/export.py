@@ -239,7 +239,9 @@ def metadata(record: dict, kind: str, classes) -> dict[str, str]:
         "pca": str(record.get("pca")),
         "input_size": str(key["size"]),
         "input": f"images: uint8 (N, {key['size']}, {key['size']}, 3) RGB, resized by the caller",
-        "resize": key["resize"],
+        "resize": key["resize"],  # auto: a rule per image (a folder of mixed sizes), spelt out below
+        "resize_rule": "nearest when neither side shrinks, else bilinear (Pillow's, antialiased)"
+        if key["resize"] == "auto" else key["resize"],
         "precision": record.get("spec", {}).get("precision", "float32"),
         "featurecache_version": __version__,
         "outputs": "scores (N, K) float32 in score_classes order; label (N,) int64 index into class_names; "
@@ -344,7 +346,8 @@ def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str |
     """Agreement of the file (plain ONNX Runtime) with `featurecache predict` on the run's test images."""
     from .datasets import DataOptions
     from .backbones import get_backbone
-    from .images import resize
+    from .encoder import decode
+    from .extract import source_item
     from .runs import load_head
 
     t0 = time.perf_counter()
@@ -364,7 +367,10 @@ def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str |
                                 f"reads at {reads_at}x{reads_at}, but the file takes {size}x{size}; check it on "
                                 f"images of the run's size (its own data: --data {record['data_options']['data']})")
     test = ds.test.images
-    images = np.stack([resize(test.load(j), size, method) for j in range(len(test))]) if len(test) else \
+    # The pixels featurecache itself decodes (JPEG draft scale included where `auto` uses it), so a difference
+    # found is the file's, not the decoder's.
+    images = np.stack([decode(source_item(test, j), test.name(j), size, method) for j in range(len(test))]) \
+        if len(test) else \
         np.zeros((0, size, size, 3), np.uint8)
     _say(log, f"running {model} with ONNX Runtime alone on {len(test)} test images of {opts.data}")
     got = run_file(model, images)

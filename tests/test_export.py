@@ -112,7 +112,8 @@ def test_metadata_names_classes_size_and_feature_key(exported, kind):
     sess = ort.InferenceSession(str(run["path"]), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert json.loads(meta["class_names"]) == exported["class_names"]
-    assert meta["input_size"] == "32" and meta["resize"] == "nearest" and meta["run_id"] == run["run_id"]
+    assert meta["input_size"] == "32" and meta["resize"] == meta["resize_rule"] == "nearest"
+    assert meta["run_id"] == run["run_id"]
     key = json.loads(meta["feature_key"])
     assert (key["model"], key["size"]) == (RUNS[kind][1], 32)
     assert key["layer"] == ("block4_pool" if kind == "linsvc" else "top_activation")
@@ -129,6 +130,30 @@ def test_check_runs_the_file_without_tensorflow_and_agrees(exported):
     r = json.loads(proc.stdout)
     assert r["images"] == 24 and r["agree"] == 24 and r["max_score_difference"] < 1e-4
     assert r["tensorflow_imported"] is False and r["sklearn_imported"] is False
+
+
+def test_check_feeds_the_file_the_pixels_featurecache_decoded(exported, tmp_path):
+    """A folder of JPEGs of mixed sizes is keyed `auto`: large JPEGs are decoded at a reduced DCT scale
+    (draft) before the resize. --check gives the file those very pixels, so file and predict agree to 1e-4."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "photos" / f"c{c}").mkdir(parents=True)
+        for j in range(8):
+            side = (96, 80, 40, 128)[j % 4]
+            img = (rng.random((side, side, 3)) * 60 + np.linspace(0, 190, side)[:, None, None] * (c + 1) / 2)
+            Image.fromarray(img.astype(np.uint8)).save(tmp_path / "photos" / f"c{c}" / f"{j}.jpg", quality=90)
+    data = ["--data", tmp_path / "photos", "--size", "32", "--model", "vgg16", "--weights", "random",
+            "--layer", "block4_pool", "--head", "linsvc"]
+    fit = json.loads(run_cli("fit", *data, "--json", "-q", "--extract", cache_dir=tmp_path / "cache",
+                             check=True).stdout)
+    record = json.loads((tmp_path / "cache" / "runs" / fit["run_id"] / "run.json").read_text())
+    assert record["feature_key"]["resize"] == "auto"
+    run_cli("export", "--run", fit["run_id"], "-o", tmp_path / "m.onnx", cache_dir=tmp_path / "cache", check=True)
+    meta = {p.key: p.value for p in __import__("onnx").load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["resize"] == "auto" and "bilinear" in meta["resize_rule"]
+    proc = run_cli("export", "--check", tmp_path / "m.onnx", "--json", cache_dir=tmp_path / "cache")
+    r = json.loads(proc.stdout)
+    assert proc.returncode == 0 and r["agree"] == r["images"] > 0 and r["max_score_difference"] < 1e-4, r
 
 
 # ---- runs on several taps and on fit-time views: one map per tap, each pooled into its block ---------------
