@@ -1,7 +1,7 @@
 """Engines side by side (run by `python scripts/bench_extract.py --engines`): images/s of every engine as
 `--engine` offers it, vgg16 at 64 and efficientnet_lite0 at 224, against TensorFlow and against the matrix
-product ceiling; int8 (OpenVINO, calibrated as `extract --precision int8` does) and its accuracy cost on
-Fashion-MNIST.
+product ceiling; int8 (OpenVINO, calibrated as `extract --precision int8` does). int8's accuracy cost is
+measured on the whole Fashion-MNIST test set by `bench_extract.py --precisions`.
 
 Each configuration is the encoder extraction itself uses (`featurecache.api.make_encoder`), timed on
 decoded images: preprocessing, the network and pooling, not decoding. Fairness on a shared machine: every
@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featurecache.api import DataOptions, FeatureSpec, dataset_features, extract_dataset, make_encoder
+from featurecache.api import DataOptions, FeatureSpec, extract_dataset, make_encoder
 from featurecache.errors import FeatureCacheError
-from featurecache.heads import make_pipeline
 
 CASES = (("vgg16", "hed-bsds", 64, "block5_pool"), ("efficientnet_lite0", "imagenet", 224, "top_activation"))
 ENGINES = ("tensorflow", "onnxruntime", "openvino")
@@ -80,22 +79,6 @@ def measure(configs: dict, pixels: np.ndarray, images: int, rounds: int) -> dict
             seconds = _time(lambda: [enc.encode_pixels(pixels) for _ in range(steps)])
             best[label] = max(best[label], steps * len(pixels) / seconds)
     return best
-
-
-def int8_accuracy(n_train: int, n_test: int, cache: Path, log) -> dict:
-    """linsvc test accuracy on vgg16 hed-bsds block5_pool at 64: float32 vs int8 features."""
-    opts = DataOptions("fashion-mnist", max_train=n_train, max_test=n_test)
-    ds = opts.load()
-    out = {}
-    for precision in ("float32", "int8"):
-        spec = FeatureSpec("vgg16", "hed-bsds", ("block5_pool",), size=64, precision=precision)
-        t0 = time.perf_counter()
-        _, x_train, x_test = dataset_features(ds, spec, cache, opts, compute=True, progress=False, log=log)
-        seconds = time.perf_counter() - t0
-        pipe = make_pipeline("linsvc", {}, "l2", None).fit(x_train, ds.train.labels)
-        out[precision] = {"accuracy": float((pipe.predict(x_test) == ds.test.labels).mean()),
-                          "extract_seconds": seconds}
-    return out
 
 
 def load() -> str:
