@@ -227,6 +227,8 @@ def describe(out: dict) -> str:
             lines.append(f"      accuracy on your runs: {a['head']} on {a['features']} ({a['data']}, {a['test_images']} "
                          f"test images): {a['float32']:.4f} float32, {a[p['precision']]:.4f} {p['precision']} "
                          f"({a['delta_points']:+.2f} points)")
+        if len(p.get("accuracy", [])) > 3:
+            lines.append(f"      and {len(p['accuracy']) - 3} more pair(s) of runs (--json lists them all)")
         if p["precision"] != "float32" and p["available"] and not p.get("speed") and not p.get("accuracy"):
             lines.append("      no evidence in this cache yet (extract and fit once at this precision); "
                          "docs/BENCHMARKS.md has speed and accuracy on Fashion-MNIST")
