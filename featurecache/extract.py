@@ -223,12 +223,15 @@ def _compute(res: Resolved, p: Pending, store: FeatureStore, run: RunSettings):
     from contextlib import ExitStack
 
     from .backbones.build import build_model
-    from .taps import remember, taps_of
+    from .taps import known, remember, taps_of
 
     src, ids, first, sets, need, log = p.src, p.ids, p.first, p.sets, p.need, run.say
-    model = build_model(res.backbone, res.weights, res.size)
-    all_taps = taps_of(model, res.size)
-    remember(res.backbone, res.size, store.cache_dir, all_taps)  # free now; spares `layers` a build
+    model, all_taps = None, known(res.backbone, res.size, store.cache_dir)
+    if all_taps is None:  # first sight of this network at this size: the real build tells the taps
+        model = build_model(res.backbone, res.weights, res.size)
+        all_taps = taps_of(model, res.size)
+        remember(res.backbone, res.size, store.cache_dir, all_taps)  # free now; spares `layers` a build
+    # else the encoder builds the network only if its graph must be converted (engines.graphs.built)
     taps = check_layers(res.backbone, [l for l in res.layers if need[l]], all_taps)
     with ExitStack() as stack:
         # Lock in id order so two processes wanting overlapping sets cannot deadlock.

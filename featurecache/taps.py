@@ -60,15 +60,23 @@ def remember(backbone: Backbone, size: int, cache_dir: Path, taps: list[Tap]) ->
     os.replace(tmp, memo)
 
 
-def catalogue(backbone: Backbone, size: int, cache_dir: Path | None) -> list[Tap]:
-    """The taps of `backbone` at `size`, memoized on disk: they depend on architecture, not weights."""
-    backbone.check_size(size)
+def known(backbone: Backbone, size: int, cache_dir: Path | None) -> list[Tap] | None:
+    """The memoized taps of `backbone` at `size`, or None when this cache has not seen them yet."""
     memo = _memo_path(backbone, size, cache_dir) if cache_dir else None
     if memo and memo.is_file():
         try:
             return [Tap(t["name"], tuple(t["shape"]), t["reduction"]) for t in json.loads(memo.read_text())]
         except (OSError, ValueError, KeyError):
-            pass  # rebuild below
+            return None  # rebuilt by the caller
+    return None
+
+
+def catalogue(backbone: Backbone, size: int, cache_dir: Path | None) -> list[Tap]:
+    """The taps of `backbone` at `size`, memoized on disk: they depend on architecture, not weights."""
+    backbone.check_size(size)
+    taps = known(backbone, size, cache_dir)
+    if taps is not None:
+        return taps
     from .backbones.build import build_model
     from .backbones.weights import Weights
 

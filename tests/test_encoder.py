@@ -76,6 +76,25 @@ def test_an_encoder_on_a_cached_graph_builds_no_network(engine, files, tmp_path)
         np.testing.assert_allclose(got[tap], want[tap], rtol=1e-6, atol=1e-6 * np.abs(want[tap]).max())
 
 
+def test_predicting_new_images_on_cached_graphs_imports_no_tensorflow(files, tmp_path):
+    """`predict` on images the cache has not seen, once the run's graph is converted: the network is not built
+    (the taps are memoized, the engine runs the cached graph), so TensorFlow is never imported."""
+    proc = run_cli("fit", "--data", str(files[0].parents[1]), "--model", "vgg16", "--weights", "random",
+                   "--size", "32", "--layer", "block4_pool", "--head", "logreg", "--engine", "onnxruntime",
+                   "--extract", "--json", "-q", cache_dir=tmp_path, check=True)
+    run_id = json.loads(proc.stdout)["run_id"]
+    new = tmp_path / "new.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(new)
+    code = (
+        "import sys\n"
+        "from featurecache.predict import predict_files\n"
+        f"rows = predict_files([{str(new)!r}], {run_id!r}, {str(tmp_path)!r}, engine='onnxruntime')\n"
+        "print(len(rows), 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-3:] == ["1", "False", "False"]
+
+
 def test_paths_bytes_and_arrays_of_one_image_give_one_vector(encoder, files):
     path = files[0]
     pixels = np.asarray(Image.open(path))
