@@ -227,7 +227,9 @@ def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int,
         stores = [None if getattr(s, "paths", None) is not None else ray.put(getattr(s, "array", s))
                   for s in src.sources]
         carries = [_carry(src.sources[s], idx, keys, stores[s]) for s, idx, keys in _chunks(src, positions, READ_CHUNK)]
-        ds = ray.data.read_datasource(_datasource(carries), num_cpus=0)  # reading is I/O: no CPU held
+        # Reading is I/O: no CPU held; as many reads at once as actors, since zero-CPU tasks would otherwise
+        # each get a worker process of their own (Ray warned of 18 on 2 cores, each paying Python's start).
+        ds = ray.data.read_datasource(_datasource(carries), num_cpus=0, concurrency=max(2, workers))
         ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
                             num_cpus=cluster.threads_per_worker, zero_copy_batch=True,
                             fn_constructor_args=(encoder.description, ray.put(graph) if graph else None,

@@ -103,8 +103,13 @@ def main():
     ray = ["--executor", "ray", "--workers", "2", "--threads-per-worker", "1"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # The graph (ONNX) is converted once, by a tiny run, and copied into every cache: not timed.
+        # The graph (ONNX) is converted once, by a tiny run, and copied into every cache with the tap catalogue
+        # it memoized (as in any cache after its first run): not timed. Neither driver nor actors build the network.
         extract(10, tmp / "warm", [])
+        # ... and `auto`'s engine choice measured and remembered once (engines/choice.json), as a first large
+        # run or `plan` leaves it: otherwise every run would time each engine, TensorFlow's build included.
+        subprocess.run([sys.executable, "-m", "featurecache.cli", "plan", *split(args.n), *FEATS], cwd=ROOT,
+                       env=dict(os.environ, FEATURECACHE_DIR=str(tmp / "warm")), check=True, capture_output=True)
         runs, k = {}, 0
         # Taking turns: the cores are shared, so each executor meets the same spread of outside load.
         plan = [(name, executor, args.n) for _ in range(args.rounds) for name, executor in (("in-process", []),
@@ -112,7 +117,8 @@ def main():
         for name, executor, n in plan + [("ray-small", ray, args.small)]:
             k += 1
             cache = tmp / f"{name}-{k}"
-            shutil.copytree(tmp / "warm" / "engines", cache / "engines")
+            for part in ("engines", "taps"):
+                shutil.copytree(tmp / "warm" / part, cache / part)
             r = extract(n, cache, executor)
             print(f"{name:<11} n={n:>6}: {r['rate']:6.1f} img/s steady, {r['wall']:6.1f} s wall "
                   f"({r['startup']:.1f} s to the first batch), driver peak {r['peak'] / 2**20:,.0f} MiB, "
@@ -139,15 +145,22 @@ def main():
         return (f"| {label} | {r['images']:,} | {r['rate']:.1f} | {r['wall']:.1f} | {r['startup']:.1f} | "
                 f"{r['peak'] / 2**20:,.0f} | {r['load']:.1f} |")
 
+    busiest = max(r["load"] for r in (local, on_ray, small))
+    load_note = (
+        "The load column counts this benchmark's own processes too (a run busy on both cores adds about 2); "
+        + ("with loads above 3 here, others shared the cores, and Ray's actor processes may draw a larger share "
+           "of oversubscribed cores than one process's engine threads do." if busiest > 3 else
+           "no run here saw much more than its own load."))
     body = f"""
-`{cmd}` on {cpu_model()}, {os.cpu_count()} cores shared with other jobs: the load average is given per
-run (above 2 the cores were oversubscribed by others, so the absolute rates are pessimistic; both
-executors took turns, {args.rounds} runs each, the best of each kept). vgg16 `hed-bsds` `block5_pool` at 64 px
-({DIMS:,}-d vectors) on Fashion-MNIST, each run a fresh feature set, the converted ONNX graph shared
-(converted once beforehand). Steady throughput is counted on the driver as vectors arrive, from the
-first batch stored to the last; start-up (Python, TensorFlow, model build; for Ray also Ray's start and
-the actors' builds) is the time to the first batch. Peak memory is the driver's own (VmHWM), Ray's
-processes not counted.
+`{cmd}` on {cpu_model()}, {os.cpu_count()} cores: the load average is given per run (both executors took
+turns, {args.rounds} runs each, the best of each kept). vgg16 `hed-bsds` `block5_pool` at 64 px
+({DIMS:,}-d vectors) on Fashion-MNIST, each run a fresh feature set, the converted ONNX graph and the tap
+catalogue shared, and `auto`'s engine choice remembered (made once beforehand, as in any cache after its
+first large run). Steady throughput is counted on the driver as vectors arrive, from the
+first batch stored to the last; start-up (Python and the engine's session; the network itself is built
+only where a graph must be converted, so with the shared graph neither driver nor actors build it; for Ray
+also Ray's start and the actors') is the time to the first batch. Peak memory is the driver's own (VmHWM),
+Ray's processes not counted.
 
 | run | images | steady images/s | wall s | s to first batch | driver peak MiB | load |
 |---|---:|---:|---:|---:|---:|---:|
@@ -156,10 +169,7 @@ processes not counted.
 {row("`--executor ray`, same, fewer images", small)}
 
 - **Ray / in-process steady throughput: {ratio:.2f}x** (target >= 0.8x): the cost of shipping raw pixels
-  to the actors and vectors back, on the same 2 cores. Under outside load the ratio also measures how the
-  kernel shares oversubscribed cores: Ray's actor processes draw a larger share of them than one
-  process's engine threads do, so a ratio above 1 here is not a speed-up an idle machine would show
-  (there it would show the shipping cost alone: 784 bytes in and 8 KB out per image; not measured idle).
+  to the actors and vectors back (784 bytes in and 8 KB out per image), on the same 2 cores. {load_note}
 - **Driver memory is flat in the images**: {small['peak'] / 2**20:,.0f} MiB at {small['images']:,} images,
   {on_ray['peak'] / 2**20:,.0f} MiB at {on_ray['images']:,} (the driver holds ids, and vectors only until
   their part is written; images are read in bounded read tasks).

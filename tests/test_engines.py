@@ -195,3 +195,26 @@ def test_plan_counts_what_the_cache_lacks_and_the_disk_it_needs(tmp_path):
     by_layer = {r["layer"]: r for r in after["layers"]}
     assert by_layer["block5_pool"]["to_compute"] == 0 and by_layer["block4_pool"]["to_compute"] == 90
     assert by_layer["block5_pool"]["bytes_after"] == 90 * (512 * 4 + 32)
+
+
+@pytest.mark.skipif(not engines.installed("openvino"), reason="openvino not installed")
+def test_openvino_does_not_pin_threads_when_given_fewer_cores(monkeypatch, tmp_path):
+    """A Ray actor is given FEATURECACHE_THREADS cores of the machine: OpenVINO must not pin its threads to the
+    first cores (two actors would share one), and the compiled model must carry that setting."""
+    import openvino as ov
+    from onnx import TensorProto, helper
+
+    from featurecache.engines.runtimes import openvino_config
+
+    monkeypatch.delenv("FEATURECACHE_THREADS", raising=False)
+    assert "ENABLE_CPU_PINNING" not in openvino_config()
+    monkeypatch.setenv("FEATURECACHE_THREADS", "1")
+    config = openvino_config()
+    assert config["ENABLE_CPU_PINNING"] is False and config["INFERENCE_NUM_THREADS"] == 1 and config["NUM_STREAMS"] == 1
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    (tmp_path / "relu.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                         .SerializeToString())
+    compiled = ov.Core().compile_model(str(tmp_path / "relu.onnx"), "CPU", config)
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False

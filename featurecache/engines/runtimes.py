@@ -66,6 +66,19 @@ def onnxruntime_forward(path, taps: list[str], streams: int | None = None, chunk
     return forward
 
 
+def openvino_config(hint: str = "THROUGHPUT", streams: int | None = None, precision: str = "f32") -> dict:
+    """OpenVINO CPU settings: `threads()` threads in `streams` streams (one per core by default)."""
+    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads()}
+    if os.environ.get("FEATURECACHE_THREADS"):
+        # Given fewer cores than the machine has (a Ray actor), OpenVINO would still pin its threads to the
+        # first cores: two 1-thread actors then shared core 0 at half speed each (measured: each actor at 53%
+        # of a core, 0.53x in-process). Let the OS place them.
+        config["ENABLE_CPU_PINNING"] = False
+    if hint == "THROUGHPUT":
+        config["NUM_STREAMS"] = streams or threads()
+    return config
+
+
 def openvino_forward(path, taps: list[str], hint: str = "THROUGHPUT", streams: int | None = None,
                      chunk: int = CHUNK, precision: str = "f32"):
     """OpenVINO's CPU streams kept busy: a batch is cut into chunks, handed round-robin to one infer
@@ -75,10 +88,7 @@ def openvino_forward(path, taps: list[str], hint: str = "THROUGHPUT", streams: i
     graph and its outputs stay float32, the arithmetic is rounded to bfloat16)."""
     import openvino as ov
 
-    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads()}
-    if hint == "THROUGHPUT":
-        config["NUM_STREAMS"] = streams or threads()
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(hint, streams, precision))
     outputs = [compiled.output(output_name(t)) for t in taps]
     requests = [compiled.create_infer_request()
                 for _ in range(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))]
