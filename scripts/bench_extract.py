@@ -109,7 +109,7 @@ def main():
 
     table = "\n".join(["| measurement | figure |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
     body = (f"Command: `python scripts/bench_extract.py {shlex.join(sys.argv[1:])}`".rstrip() + "\n\n"
-            f"Machine: {os.cpu_count()} cores; throughput rows on TensorFlow, the extraction on {engine} "
+            f"Machine: {cpu_model()}, {os.cpu_count()} cores; throughput rows on TensorFlow, the extraction on {engine} "
             "(`--engine auto`). Peak RSS is the child's ru_maxrss, which on Linux includes the pages "
             "it shared with this (TensorFlow-loaded) parent before exec: an upper bound. Targets: cache "
             "hit for 60,000 images under 2 s; peak RSS under 2 GB while extracting 60,000 images upsized to 64.\n\n" + table)
@@ -157,7 +157,6 @@ def hit_section(args) -> None:
 
 def engines_section(args) -> None:
     """Every engine in one process, round-robin; see scripts/bench_engines.py."""
-    import platform
     from importlib.metadata import PackageNotFoundError, version
 
     import bench_engines as be
@@ -213,7 +212,7 @@ def engines_section(args) -> None:
     load_after = be.load()
 
     out = [f"Command: `python scripts/bench_extract.py {shlex.join(sys.argv[1:])}`", "",
-           f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), shared with other "
+           f"Machine: {cpu_model()}, {os.cpu_count()} cores, shared with other "
            f"jobs: load average (1/5/15 min) {load_before} before, {load_after} after. onnxruntime "
            f"{v('onnxruntime')}, openvino {v('openvino')}, nncf {v('nncf')}, tensorflow {v('tensorflow')}. Every "
            f"row was measured in the same process, in {args.rounds} round-robin bursts (best burst kept), on real "
@@ -490,7 +489,7 @@ def precisions_section(args) -> None:
         "largest |value|), per stored tap (the largest over a fit's taps). Accuracy: `featurecache fit --head "
         f"linsvc` (l2 rows, C=1) on Fashion-MNIST, {n_train:,} train / {n_test:,} test images"
         + (" (the whole dataset: one test image is 0.01 points)" if full else " (a stratified subset)")
-        + f". Machine: {os.cpu_count()} cores, load average {' / '.join(f'{v:.2f}' for v in load_before)} before, "
+        + f". Machine: {cpu_model()}, {os.cpu_count()} cores, load average {' / '.join(f'{v:.2f}' for v in load_before)} before, "
         f"{' / '.join(f'{v:.2f}' for v in load_after)} after.", "",
         "| features | precision | images/s | vs float32 |", "|---|---|---|---|", *speed_rows, "",
         "| features (fit pooling) | precision | max error | mean error | test accuracy | delta (points) |",
