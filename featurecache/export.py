@@ -152,7 +152,9 @@ def backbone_part(record: dict, cache_dir: Path, log=None):
     from .backbones import get_backbone
     from .backbones.weights import resolve_weights
 
-    blocks = eg.run_blocks(record)
+    from .predict import run_blocks
+
+    blocks = [(b.layer, b.pool) for b in run_blocks(record)]
     taps = list(dict.fromkeys(layer for layer, _ in blocks))
     key = record["feature_key"]
     backbone = get_backbone(key["model"])
@@ -186,9 +188,8 @@ def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, lo
     import onnx
 
     from .engines.graphs import Graph, int8_graph
-    from .engines.int8 import is_current
     from .engines.onnx_export import INPUT, output_name
-    from .settings import Precision
+    from .settings import Precision, is_current
 
     calibration = Precision.parse(key["precision"]).calibration
     if not is_current(calibration):
@@ -222,7 +223,7 @@ def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, lo
 
 
 def metadata(record: dict, kind: str, classes) -> dict[str, str]:
-    from .export_graph import run_blocks
+    from .predict import run_blocks
 
     key = record["feature_key"]
     names = list(record["class_names"])
@@ -232,7 +233,7 @@ def metadata(record: dict, kind: str, classes) -> dict[str, str]:
         "score_kind": kind,
         "run_id": record["run_id"],
         "feature_key": json.dumps(key, sort_keys=True),
-        "blocks": json.dumps([{"layer": layer, "pool": pool} for layer, pool in run_blocks(record)]),
+        "blocks": json.dumps([{"layer": b.layer, "pool": b.pool} for b in run_blocks(record)]),
         "features": record.get("features", ""),
         "head": record["head"],
         "normalize": str(record.get("normalize")),

@@ -154,14 +154,6 @@ def _pool_block(nodes, inits, p: str, tap: str, shape: tuple, pool: str, out: st
     return dims
 
 
-def run_blocks(record: dict) -> list[tuple[str, str]]:
-    """(tap, pooling) of each block of a run's vector, in its column order (featurecache.compose.Block);
-    a run saved before fit-time composition is one tap, pooled as stored."""
-    if record.get("blocks"):
-        return [(b["layer"], b["pool"]) for b in record["blocks"]]
-    return [(record["layer"], record["feature_key"]["pool"])]
-
-
 def pooled(backbone, blocks: list[tuple[str, str]], prefix: str):
     """(backbone joined to the pooling of `blocks`: input `prefix`+onnx_export.INPUT -> FEATURES, dims).
     `backbone` has one NHWC output per tap, named by onnx_export.output_name."""

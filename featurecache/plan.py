@@ -76,14 +76,15 @@ def _precisions(res: Resolved, ds, run: RunSettings) -> list[dict]:
     from .engines import choice, installed
 
     ov, nncf = installed("openvino"), importlib.util.find_spec("nncf") is not None
-    calibration = calibration_sample(ds.train.images.ids)[1] if len(ds.train.images) else ""
+    # an int8 plan already named its sample (`calibrated`); otherwise name the one int8 would use
+    calibration = res.calibration or (calibration_sample(ds.train.images.ids)[1] if len(ds.train.images) else "")
     rates = _rates(res, run, calibration) if ov else {}
     accuracy = _run_pairs(res, run.cache_dir)
     out = []
     for name in ("float32", "bf16", "int8"):
         if name == res.precision:
             continue
-        row = {"precision": name, "available": ov or name == "float32"}
+        row = {"precision": name}
         if name == "bf16":
             row["available"] = ov and choice.has_bf16()
             row["why"] = ("bfloat16 arithmetic on OpenVINO (this CPU has AVX512_BF16 or AMX)" if row["available"] else
@@ -95,7 +96,7 @@ def _precisions(res: Resolved, ds, run: RunSettings) -> list[dict]:
                           "images, on OpenVINO"
                           if row["available"] else "needs openvino and nncf (`pip install openvino onnx nncf`)")
         else:
-            row["why"] = "the reference precision"
+            row["available"], row["why"] = True, "the reference precision"
         if rates.get(name) and rates.get("float32") and name != "float32":
             row["speed"] = {"images_per_second": round(rates[name], 1), "float32": round(rates["float32"], 1),
                             "ratio": round(rates[name] / rates["float32"], 2)}
@@ -106,8 +107,9 @@ def _precisions(res: Resolved, ds, run: RunSettings) -> list[dict]:
 
 
 def _rates(res: Resolved, run: RunSettings, calibration: str) -> dict[str, float]:
-    """Images/s on OpenVINO per precision whose graph for these taps is already in the cache (no
-    conversion or calibration is paid for a plan); a precision without one is left out."""
+    """Images/s on OpenVINO per precision whose graph for these taps is already in the cache (no network
+    build or calibration is paid for a plan; at most the cached ONNX graph's one-time conversion to OpenVINO
+    IR); a precision without one is left out."""
     from .engines import choice, images_per_second, make_forward
     from .engines.graphs import Graph, int8_graph
     from .settings import Precision

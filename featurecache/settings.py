@@ -134,6 +134,12 @@ def int8_recipe_id() -> str:
     return key_id(INT8_RECIPE)[:6]
 
 
+def is_current(calibration: str) -> bool:
+    """Whether an int8 calibration name carries a recipe id ("<recipe>-<sample>", `calibration_sample`),
+    rather than naming the first recipe's OpenVINO IR (a bare sample id)."""
+    return "-" in calibration
+
+
 def calibration_sample(train_ids: list[str]) -> tuple[list[str], str]:
     """(chosen image ids, calibration name "<recipe id>-<sample id>"): a seeded choice among the training
     images' content hashes, independent of file order, so the same training set always gives the same int8 set."""

@@ -88,7 +88,7 @@ def test_the_int8_recipe_is_in_the_key(tmp_path, monkeypatch):
     """A changed recipe (settings.INT8_RECIPE) names other int8 sets; the first recipe's calibration names
     (no recipe id) still parse, and are told apart from the current recipe's."""
     from featurecache import settings
-    from featurecache.engines.int8 import is_current
+    from featurecache.settings import is_current
 
     ids = [f"{k:064x}" for k in range(500)]
     _, name = settings.calibration_sample(ids)

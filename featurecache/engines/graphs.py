@@ -24,7 +24,7 @@ import numpy as np
 from .. import versions
 from ..errors import FeatureCacheError
 from ..fingerprint import key_id
-from ..settings import Precision
+from ..settings import Precision, is_current
 from . import onnx_export
 
 
@@ -110,7 +110,7 @@ def convert(engine: str, model, graph: Graph, cache_dir: Path, precision: Precis
 
             _save_ir(ov.convert_model(str(_onnx(folder, model, taps, log))), xml)
         return xml
-    from .int8 import is_current, quantize
+    from .int8 import quantize
 
     if not is_current(precision.calibration):  # the first recipe's OpenVINO IR: read where cached, never made
         xml = folder / f"int8-{precision.calibration}-openvino-{ver}.xml"

@@ -17,11 +17,6 @@ import numpy as np
 from ..settings import INT8_RECIPE
 
 
-def is_current(calibration: str) -> bool:
-    """Whether a calibration name is of a QDQ recipe ("<recipe>-<sample>"), not the first, IR-only one."""
-    return "-" in calibration
-
-
 def quantize(onnx_path: str, images: np.ndarray):
     """An int8 QDQ ONNX model (onnx.ModelProto) from the float ONNX graph and preprocessed NHWC images."""
     import logging
