@@ -7,62 +7,60 @@
     enc = make_encoder(FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), size=32))
     vectors = enc(["a.png", "b.jpg"])["block3_pool"]     # paths, bytes or uint8 arrays
     enc.description                                      # plain and picklable: .build() it elsewhere
+
+`load_features` is the convenience face (plain keywords). Every other function takes the values the
+CLI builds from its options: the data (a Dataset or images), a FeatureSpec (what shapes the vectors)
+and a RunSettings (how the run goes: cache folder, engine, batch size, on-error policy, log).
 """
 
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 from .datasets import Dataset
+from .engines import ENGINE_CHOICES, ENGINES  # noqa: F401  (public: the choice lists)
 from .errors import FeatureCacheError
-from .extract import Resolved, Summary, extract
+from .extract import Resolved, Summary, run_extract
 from .datasets import DataOptions  # noqa: F401  (public values)
-from .settings import (INT8_RECIPE, FeatureSpec, Precision, RunSettings, calibrated, default_cache_dir,  # noqa: F401
-                       default_engine, resolve, spec_args)
+from .settings import (INT8_RECIPE, PRECISIONS, FeatureSpec, Precision, RunSettings, calibrated,  # noqa: F401
+                       default_cache_dir, default_engine, resolve, spec_args)
 from .store import FeatureStore
 
 
-def extract_dataset(ds: Dataset, spec: FeatureSpec, cache_dir: Path, batch_size: int = 64,
-                    progress: bool = True, log=None, on_error: str = "fail",
-                    engine: str | None = None, executor: str = "local", cluster=None) -> tuple[Resolved, Summary]:
-    """Store the vectors of both splits of `ds` (see featurecache.extract.run_extract). executor:
-    local | ray, with `cluster` (featurecache.cluster.ClusterSettings) saying where and how wide."""
-    return extract([ds.train.images, ds.test.images], spec, cache_dir, ds.native_size(),
-                   batch_size=batch_size, progress=progress, log=log, on_error=on_error,
-                   engine=engine or default_engine(), executor=executor, cluster=cluster)
+def extract_dataset(ds: Dataset, spec: FeatureSpec, run: RunSettings) -> tuple[Resolved, Summary]:
+    """Store the vectors of both splits of `ds` (see featurecache.extract.run_extract)."""
+    return run_extract([ds.train.images, ds.test.images], spec, run, ds.native_size())
 
 
-def dataset_features(ds: Dataset, spec: FeatureSpec, cache_dir: Path, data: DataOptions | None = None,
-                     compute: bool = False, batch_size: int = 64, progress: bool = True, log=None,
-                     on_error: str = "fail", engine: str | None = None, executor: str = "local", cluster=None):
+def dataset_features(ds: Dataset, spec: FeatureSpec, run: RunSettings, data: DataOptions | None = None,
+                     compute: bool = False):
     """(resolved, X_train, X_test) for the single tap of `spec`, from the cache.
 
-    With compute=False a missing feature set is an error that quotes the extract command to run;
-    with compute=True the missing vectors are extracted first. Images the set left out as
-    unreadable (`extract --on-error skip`) are dropped from `ds` itself, so its labels stay aligned.
+    With compute=False a missing feature set is an error that quotes the extract command to run (with
+    `data`'s options, when given); with compute=True the missing vectors are extracted first. Images
+    the set left out as unreadable (`extract --on-error skip`) are dropped from `ds` itself, so its
+    labels stay aligned.
     """
     if len(spec.layers) > 1:
         raise FeatureCacheError("--layer: give one layer to fit on (extract accepts several)")
     spec = calibrated(spec, ds.train.images.ids)
     if compute:
-        res, _ = extract_dataset(ds, spec, cache_dir, batch_size, progress, log, on_error, engine, executor, cluster)
+        res, _ = extract_dataset(ds, spec, run)
     else:
-        res = resolve(spec, ds.native_size(), cache_dir)
+        res = resolve(spec, ds.native_size(), run.cache_dir)
     layer = res.layers[0]
-    fs = FeatureStore(cache_dir).get(res.set_ids[layer])
+    fs = FeatureStore(run.cache_dir).get(res.set_ids[layer])
     dropped = ds.drop(fs.skipped()) if fs is not None else []
     if dropped:
-        say = log or (lambda m: print(m, file=sys.stderr))
-        say(f"notice: left out {len(dropped)} unreadable image(s) that extraction skipped: "
-            + ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else ""))
+        run.say(f"notice: left out {len(dropped)} unreadable image(s) that extraction skipped: "
+                + ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else ""))
     ids = ds.train.images.ids + ds.test.images.ids
     lacking = len(ids) if fs is None else len(fs.missing(ids))
     if lacking:
         cmd = shlex.join(["featurecache", "extract", *(data.args() if data else ["--data", ds.name]),
-                          *spec_args(spec, layer), *(["--cache-dir", str(cache_dir)]
-                                                     if cache_dir != default_cache_dir() else [])])
+                          *spec_args(spec, layer), *(["--cache-dir", str(run.cache_dir)]
+                                                     if run.cache_dir != default_cache_dir() else [])])
         raise FeatureCacheError(f"no cached features for {lacking} of {len(ids)} images "
                                 f"({spec.model}/{layer} at {res.size}px); run `{cmd}` or add --extract")
     return res, fs.gather(ds.train.images.ids), fs.gather(ds.test.images.ids)
@@ -75,63 +73,70 @@ def load_features(data: str = "digits", model: str = "vgg16", weights: str = "he
                   precision: str = "float32", **data_options):
     """(X_train, y_train, X_test, y_test, class_names) of one tap, extracting what is missing.
 
-    engine: auto | tensorflow | onnxruntime | openvino (what runs the network; same vectors);
-    precision: float32 | int8 (int8 is a different feature set, calibrated on the training images).
+    The convenience face for scripts and notebooks: plain keywords, which it packs into the values
+    (DataOptions, FeatureSpec, RunSettings) that every other function here takes.
+    engine: one of featurecache.engines.ENGINE_CHOICES (what runs the network; same vectors; default
+    $FEATURECACHE_ENGINE or auto); precision: one of settings.PRECISIONS (bf16 and int8 are feature sets
+    of their own, int8 calibrated on the training images).
     """
     opts = DataOptions(data, **data_options)
     ds = opts.load()
     spec = FeatureSpec(model, weights, (layer,) if layer else (), pool, size, resize, preprocess,
                        precision=precision)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    _, x_train, x_test = dataset_features(ds, spec, cache, opts, compute=extract, progress=progress, engine=engine)
+    run = RunSettings(Path(cache_dir) if cache_dir else default_cache_dir(), engine or default_engine(),
+                      progress=progress)
+    _, x_train, x_test = dataset_features(ds, spec, run, opts, compute=extract)
     return x_train, ds.train.labels, x_test, ds.test.labels, list(ds.class_names)
 
 
-def make_encoder(spec: FeatureSpec, cache_dir: str | Path | None = None, engine: str | None = None,
-                 on_error: str = "fail", native_size: int | None = None, train_ids: list[str] | None = None,
-                 log=None):
+def make_encoder(spec: FeatureSpec, run: RunSettings | None = None, native_size: int | None = None,
+                 train_ids: list[str] | None = None):
     """The encoder of `spec` (featurecache.encoder.Encoder): images -> {tap: vectors}, nothing stored.
 
-    engine: auto | tensorflow | onnxruntime | openvino (default: $FEATURECACHE_ENGINE or auto);
-    on_error: fail | skip; native_size: the images' side when spec.size is None; train_ids: the
-    training images' ids an int8 spec calibrates on (its graph must then be in the cache already, as
+    run: where the cache is, which engine runs the network, the on-error policy and the log (default:
+    RunSettings(default_cache_dir())); native_size: the images' side when spec.size is None; train_ids:
+    the training images' ids an int8 spec calibrates on (its graph must then be in the cache already, as
     `extract --precision int8` leaves it). The network is built on first use.
     """
     from .encoder import Encoder
     from .engines import choose
 
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    run = run or RunSettings(default_cache_dir())
     spec = calibrated(spec, train_ids or []) if train_ids else spec
-    engine = engine or default_engine()
-    choose(engine, spec.precision)
-    return Encoder(resolve(spec, native_size, cache), cache, engine, on_error, log=log)
+    choose(run.engine, spec.precision)
+    return Encoder(resolve(spec, native_size, run.cache_dir), run.cache_dir, run.engine, run.on_error, log=run.log)
 
 
-def encode_images(images, spec: FeatureSpec, cache_dir: str | Path | None = None, engine: str | None = None,
-                  batch_size: int = 64, log=None) -> dict:
-    """{tap: (N, dims) float32} for `images` (paths, bytes or uint8 arrays), in batches; nothing stored."""
+def encode_images(images, spec: FeatureSpec, run: RunSettings | None = None) -> dict:
+    """{tap: (N, dims) float32} for `images` (paths, bytes or uint8 arrays), in batches of
+    run.batch_size; nothing stored."""
     import numpy as np
 
-    enc = make_encoder(spec, cache_dir, engine, log=log)
+    run = run or RunSettings(default_cache_dir())
+    enc = make_encoder(spec, run)
     images = list(images)
-    parts = [enc(images[k:k + batch_size]) for k in range(0, len(images), batch_size)]
+    parts = [enc(images[k:k + run.batch_size]) for k in range(0, len(images), run.batch_size)]
     return {t: np.concatenate([p[t] for p in parts]) for t in enc.taps}
 
 
-def time_engines(spec: FeatureSpec, images, engines=("tensorflow", "onnxruntime", "openvino"),
-                 cache_dir: str | Path | None = None, batch_size: int = 64, rounds: int = 3, log=None) -> dict:
-    """{engine: {"images_per_second", "setup_seconds"}} of each installed engine on `images` (decoded
-    once, outside the timing): the best of `rounds` passes over them, after one warm-up batch."""
+def time_engines(images, spec: FeatureSpec, run: RunSettings | None = None, engines=ENGINES,
+                 rounds: int = 3) -> dict:
+    """{engine: {"images_per_second", "setup_seconds"}} of each installed engine of `engines` on `images`
+    (decoded once, outside the timing), in batches of run.batch_size: the best of `rounds` passes over
+    them, after one warm-up batch. run.engine is not used: each engine of `engines` is timed."""
     import time
+    from dataclasses import replace
 
     from .engines import installed
 
+    run = run or RunSettings(default_cache_dir())
+    batch_size = run.batch_size
     out = {}
     for engine in engines:
         if engine != "tensorflow" and not installed(engine):
             continue
         t0 = time.perf_counter()
-        enc = make_encoder(spec, cache_dir, engine, log=log).load()
+        enc = make_encoder(spec, replace(run, engine=engine)).load()
         batch = enc.prepare(list(images))
         enc.encode_pixels(batch.pixels[:batch_size])  # compilation and allocation, not steady state
         setup = time.perf_counter() - t0
@@ -145,13 +150,12 @@ def time_engines(spec: FeatureSpec, images, engines=("tensorflow", "onnxruntime"
     return out
 
 
-def extract_views(ds: Dataset, spec: FeatureSpec, views, run: RunSettings, test_too: bool = False) -> list[Summary]:
+def extract_views(ds: Dataset, spec: FeatureSpec, run: RunSettings, views, test_too: bool = False) -> list[Summary]:
     """Store the vectors of augmented views (featurecache/augment.py) of the training images, and of the
     test images only when `test_too` (test-time augmentation): views never reach test rows otherwise."""
     from dataclasses import replace
 
     from . import augment
-    from .extract import run_extract
 
     sources = [ds.train.images, ds.test.images] if test_too else [ds.train.images]
     return [run_extract(sources, replace(spec, view=v), run, ds.native_size())[1] for v in augment.check(views)]

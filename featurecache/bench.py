@@ -196,10 +196,11 @@ def run_encoder(run_id: str, cache_dir: Path, engine: str | None = None):
     """The encoder of a fitted run's features (its model, tap, size and options), as `serve` builds it:
     :func:`featurecache.api.make_encoder` of the run's recorded feature settings."""
     from .api import make_encoder
-    from .predict import run_spec
-    from .runs import load_record
+    from .runs import load
+    from .settings import RunSettings, default_engine
 
-    return make_encoder(run_spec(load_record(Path(cache_dir), run_id)), cache_dir, engine)
+    run = RunSettings(Path(cache_dir), engine or default_engine())
+    return make_encoder(load(run.cache_dir, run_id).spec, run)
 
 
 def conv_flops(model: str, size: int, tap: str) -> float:
@@ -228,9 +229,10 @@ def predict_files(paths: list[Path], run_id: str, cache_dir: Path, engine: str |
     score, score kind and top classes, exactly as the command's --format json prints them."""
     from .api import default_engine
     from .predict import predict_files as predict
+    from .settings import RunSettings
 
-    return predict([Path(p) for p in paths], run_id, Path(cache_dir), top=top, batch_size=batch_size,
-                   engine=engine or default_engine(), log=lambda m: None)
+    settings = RunSettings(Path(cache_dir), engine or default_engine(), batch_size, False, log=lambda m: None)
+    return predict([Path(p) for p in paths], run_id, settings, top=top)
 
 
 def version(distribution: str) -> str:

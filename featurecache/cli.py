@@ -19,9 +19,11 @@ from .api import DataOptions, default_engine, extract_dataset, extract_views
 from .cli_common import app, cache_dir_of, emit, say
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
-from .options import (DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, SWEEP_FEATURES, Augment, BatchSize, CacheDir,
-                      Engine, Json, Model, Normalize, Quiet, Size, Tta, takes)
-from .settings import RunSettings
+from .options import (CLASSIFY_RUN, DATA, EXTRACT_RUN, FEATURES, FIT_FEATURES, HEAD, SWEEP, SWEEP_FEATURES,
+                      SWEEP_HEAD, Augment, BatchSize, CacheDir, ClassifyFiles, ClassifyModel, ClassifyTop, DoExtract,
+                      Engine, Json, Model, Quiet, Size, SweepPlot, Tta, takes)
+from .settings import HeadSpec, RunSettings
+from .sweep import SweepSpace
 
 
 # ---- models and layers -------------------------------------------------------------------------------
@@ -67,10 +69,8 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, augment:
                 as_json: Json = False):
     """Compute the feature vectors of a dataset once and store them; reruns are cache hits."""
     ds = data.load()
-    _, summary = extract_dataset(ds, spec, run.cache_dir, run.batch_size, progress=run.progress, log=say,
-                                 on_error=run.on_error, engine=run.engine, executor=run.executor,
-                                 cluster=run.cluster)
-    views = extract_views(ds, spec, augment, run, test_too=tta) if augment else []
+    _, summary = extract_dataset(ds, spec, run)
+    views = extract_views(ds, spec, run, augment, test_too=tta) if augment else []
     out = dict(summary.as_dict(), dataset=ds.name, cache_dir=str(run.cache_dir))
     lines = [f"{'cache hit' if summary.cache_hit else 'extracted'}: {ds.name}, {summary.images} images, "
              f"{spec.model} ({summary.weights}) at {summary.size}px, {summary.seconds:.2f} s"
@@ -93,49 +93,22 @@ def extract_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, augment:
 @takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
 def plan_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, as_json: Json = False):
     """Before extracting: images to compute after the cache, expected time (short measured warm-up), disk size."""
-    from .plan import describe, plan
+    from .plan import describe, run_plan
 
     ds = data.load()
-    out = plan(ds, spec, run.cache_dir, run.engine, run.batch_size, log=say, executor=run.executor,
-               cluster=run.cluster, on_error=run.on_error)
+    out = run_plan(ds, spec, run)
     emit(dict(out, dataset=ds.name), as_json, describe(out))
 
 
 # ---- heads ------------------------------------------------------------------------------------------
 @app.command()
-@takes(data=DATA, spec=FIT_FEATURES, run=EXTRACT_RUN)
-def fit(data: DataOptions, spec: FeatureSpec, run: RunSettings,
-        head: Annotated[str, typer.Option("--head", help="linsvc | svc | logreg | mlp | ridge | sgd | knn | "
-                                                         "rf.")] = "linsvc",
-        normalize: Normalize = "auto",
-        pca: Annotated[Optional[int], typer.Option("--pca", min=1, help="Reduce to N dimensions first.")] = None,
-        C: Annotated[Optional[float], typer.Option("--C", help="Inverse regularisation (linsvc, svc, logreg, ...).")] = None,
-        kernel: Annotated[Optional[str], typer.Option("--kernel", help="svc kernel: rbf | linear | poly.")] = None,
-        hidden: Annotated[Optional[str], typer.Option("--hidden", help="mlp hidden sizes, e.g. 512,100.")] = None,
-        max_iter: Annotated[Optional[int], typer.Option("--max-iter", min=1, help="Iteration cap.")] = None,
-        max_depth: Annotated[Optional[int], typer.Option("--max-depth", min=1, help="rf tree depth.")] = None,
-        k: Annotated[Optional[int], typer.Option("--k", min=1, help="knn neighbours.")] = None,
-        calibrate: Annotated[bool, typer.Option("--calibrate", help="Calibrated probabilities for "
-                                                                    "linear heads.")] = False,
-        grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Cross-validated search on the train "
-                                                                         "split, e.g. C=0.01,0.1,1.")] = None,
-        do_extract: Annotated[bool, typer.Option("--extract", help="Extract missing features first "
-                                                                   "instead of failing.")] = False,
-        notes: Annotated[str, typer.Option("--notes", help="Free text stored with the run.")] = "",
-        augment: Augment = None, tta: Tta = False,
-        max_memory: Annotated[Optional[str], typer.Option("--max-memory", help=(
-            "Largest training matrix to hold (e.g. 4GB) [default: 3/4 of this machine's memory]; past it, "
-            "a streaming head (sgd) reads the cache chunk by chunk, others say what to do."))] = None,
+@takes(data=DATA, spec=FIT_FEATURES, run=EXTRACT_RUN, head=HEAD)
+def fit(data: DataOptions, spec: FeatureSpec, run: RunSettings, head: HeadSpec, do_extract: DoExtract = False,
         as_json: Json = False):
     """Fit a head on cached features, evaluate it, save it as a run and add it to the ledger."""
-    from .fit import describe, fit_head
-    from .prune import parse_size
+    from .fit import describe, fit as fit_run
 
-    options = {"C": C, "kernel": kernel, "hidden": hidden, "max_iter": max_iter, "max_depth": max_depth,
-               "k": k, "calibrate": calibrate or None}
-    record = fit_head(data, spec, head, {n: v for n, v in options.items() if v is not None}, normalize, pca,
-                      grid or [], run, compute=do_extract, notes=notes, augment=tuple(augment or ()), tta=tta,
-                      max_memory=parse_size(max_memory, "--max-memory") if max_memory else None)
+    record = fit_run(data, spec, run, head, extract=do_extract)
     m = record["metrics"]
     if as_json:
         print(json.dumps({k: record[k] for k in ("run_id", "head", "features", "dims", "fit_seconds", "n_train",
@@ -152,10 +125,10 @@ def report(fmt: Annotated[str, typer.Option("--format", help="table | markdown |
                                                                        "[default: <cache>/runs/report.png].")] = None):
     """The ledger of runs as a comparison table, and a plot of test accuracy against fit time."""
     from .report import render, plot_runs
-    from .runs import read_ledger, runs_dir
+    from .runs import ledger_runs, runs_dir
 
     cache = cache_dir_of(cache_dir)
-    rows = read_ledger(cache)
+    rows = ledger_runs(cache)
     if not rows:
         raise FeatureCacheError(f"no runs in {runs_dir(cache)}; fit one with `featurecache fit`")
     print(render(rows, fmt))
@@ -174,8 +147,8 @@ def predict(files: Annotated[list[Path], typer.Argument(help="Image files.")],
 
     if fmt not in ("text", "json", "csv"):
         raise FeatureCacheError(f"--format {fmt}: use text, json or csv")
-    rows = predict_files(files, run, cache_dir_of(cache_dir), top=top, batch_size=batch_size, progress=not quiet,
-                         log=say, engine=engine or default_engine())
+    settings = RunSettings(cache_dir_of(cache_dir), engine or default_engine(), batch_size, not quiet, log=say)
+    rows = predict_files(files, run, settings, top=top)
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -192,46 +165,28 @@ def predict(files: Annotated[list[Path], typer.Argument(help="Image files.")],
 
 
 @app.command()
-def classify(files: Annotated[list[Path], typer.Argument(help="Image files.")],
-             top: Annotated[int, typer.Option("--top", help="How many classes.")] = 5,
-             model: Model = "efficientnet_lite0"):
-    """ImageNet top-k with EfficientNet-Lite0's offline weights: proof that the weights are real."""
+@takes(run=CLASSIFY_RUN)
+def classify(files: ClassifyFiles, run: RunSettings, top: ClassifyTop = 5, model: ClassifyModel = "efficientnet_lite0"):
+    """ImageNet top-k from EfficientNet-Lite0's classifier tap (offline weights: proof that they are real), through
+    the encoder as any extraction: same decoding, any --engine, --on-error."""
     from .classify import classify as run_classify
 
-    if model != "efficientnet_lite0":
-        raise FeatureCacheError(f"--model {model}: classify supports efficientnet_lite0 (offline ImageNet head)")
-    for path, preds in zip(files, run_classify([str(f) for f in files], top=top)):
+    for path, preds in zip(files, run_classify([str(f) for f in files], top, run, model)):
         print(path)
         for idx, name, p in preds:
             print(f"  {p:6.3f}  {idx:4d}  {name}")
+        if not preds:
+            print("  skipped (unreadable: see the message above)")
 
 
 @app.command("sweep")
-@takes(data=DATA, spec=SWEEP_FEATURES, run=EXTRACT_RUN)
-def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings,
-              layers: Annotated[str, typer.Option("--layers", help="all (each stage's output), or L1,L2,... with "
-                                                                   "`+` joining taps fitted together (L1+L2).")] = "all",
-              pools: Annotated[Optional[str], typer.Option("--pools", help="Poolings to compare, e.g. "
-                                                                          "flatten,max2x2,avg [default: --pool].")] = None,
-              sizes: Annotated[Optional[str], typer.Option("--sizes", help="Input sizes, e.g. 32,64 "
-                                                                          "[default: the images' own].")] = None,
-              heads: Annotated[str, typer.Option("--heads", help="Heads to fit on each tap, e.g. linsvc,logreg.")] = "linsvc",
-              validation: Annotated[float, typer.Option("--validation", min=0.05, max=0.5, help=(
-                  "Fraction of the training images held out to compare configurations on; the test split "
-                  "scores the chosen one only."))] = 0.2,
-              normalize: Normalize = "auto", augment: Augment = None, tta: Tta = False,
-              plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG path [default: <cache>/sweep.png].")] = None,
-              as_json: Json = False):
+@takes(data=DATA, spec=SWEEP_FEATURES, run=EXTRACT_RUN, head=SWEEP_HEAD, space=SWEEP)
+def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings, head: HeadSpec, space: SweepSpace,
+              plot: SweepPlot = None, as_json: Json = False):
     """Compare taps, poolings, sizes and heads on a validation split; refit the best, test it once."""
     from . import sweep as sweeps
 
-    try:
-        size_list = [int(s) for s in sizes.split(",")] if sizes else [None]
-    except ValueError:
-        raise FeatureCacheError(f"--sizes {sizes}: give whole numbers separated by commas, e.g. 32,64") from None
-    result = sweeps.sweep(data, spec, layers, size_list, [h.strip() for h in heads.split(",")], run, normalize,
-                          pools=[p.strip() for p in pools.split(",")] if pools else None, validation=validation,
-                          augment=tuple(augment or ()), tta=tta)
+    result = sweeps.sweep(data, spec, run, head, space)
     rows = result["rows"]
     path = sweeps.plot(rows, plot or run.cache_dir / "sweep.png",
                        f"{spec.model} ({spec.weights}) on {data.data}: validation accuracy by layer")
@@ -251,16 +206,16 @@ def sweep_cmd(data: DataOptions, spec: FeatureSpec, run: RunSettings,
 @app.command()
 def quickstart(cache_dir: CacheDir = None, quiet: Quiet = False):
     """Extract real CNN codes of scikit-learn's digits offline, fit a linear SVM, print the results."""
-    from .fit import fit_head
+    from .fit import fit as fit_run
 
     cache = cache_dir_of(cache_dir)
     opts = DataOptions("digits")
     spec = FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), "flatten", 32)
     ds = opts.load()
     t0 = time.perf_counter()
-    _, summary = extract_dataset(ds, spec, cache, progress=not quiet, log=say)
-    record = fit_head(opts, spec, "linsvc", {}, "l2", None, [], cache, progress=False, log=say,
-                      notes="quickstart")
+    _, summary = extract_dataset(ds, spec, RunSettings(cache, progress=not quiet, log=say))
+    record = fit_run(opts, spec, RunSettings(cache, progress=False, log=say),
+                     HeadSpec("linsvc", normalize="l2", notes="quickstart"))
     m = record["metrics"]
     print(f"featurecache quickstart: digits ({len(ds.train)} train / {len(ds.test)} test images, 8x8 upsized "
           f"to {summary.size}x{summary.size})\n"
@@ -293,7 +248,10 @@ def main() -> None:
         command = typer.main.get_command(app)
         found = config.find()
         defaults = config.default_map(command, config.load(found, command)) if found else None
-        command.main(args=args, prog_name="featurecache", standalone_mode=False, default_map=defaults)
+        # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
+        status = command.main(args=args, prog_name="featurecache", standalone_mode=False, default_map=defaults)
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except FeatureCacheError as e:
         _fail(f"error: {e}", 2)
     except KeyboardInterrupt:

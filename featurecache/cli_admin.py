@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
@@ -13,16 +13,17 @@ from .api import DataOptions, default_engine
 from .cli_common import app, cache_app, cache_dir_of, emit, say, when
 from .errors import FeatureCacheError
 from .extract import FeatureSpec
-from .options import (DATA, EXTRACT_RUN, FEATURES, Augment, CacheDir, DataDir, Engine, Json, MaxTest, MaxTrain, Seed,
-                      TestSize, Tta, takes)
+from .options import (CACHE, CHECK_DATA, DATA, EXTRACT_RUN, FEATURES, AllRuns, Augment, CacheDir, ConfigWords, DataDir,
+                      DryRun, Engine, ExportCheck, ExportCheckData, ExportForce, ExportFormat, ExportPrecision,
+                      ExportRun, GraphsOnly, Host, InitForce, Json, MaxBatch, MaxBodyMb, MaxPixels, MaxSize, MaxWaitMs,
+                      NoAuth, OlderThan, Output, Port, PruneFeatures, Sample, ServeRuns, ServeWorkers, SetIds,
+                      SetsToCheck, SetsToRepair, Token, Tta, takes)
 from .settings import RunSettings
 
 
 # ---- cache ------------------------------------------------------------------------------------------
 @cache_app.command("ls")
-def cache_ls(cache_dir: CacheDir = None, as_json: Json = False,
-             graphs_only: Annotated[bool, typer.Option("--graphs", help="With --json: list the converted engine "
-                                                                        "graphs instead of the feature sets.")] = False):
+def cache_ls(cache_dir: CacheDir = None, as_json: Json = False, graphs_only: GraphsOnly = False):
     """Feature sets with their key parts, image count and size on disk; converted graphs with their last use."""
     from .store import FeatureStore
 
@@ -46,28 +47,19 @@ def cache_ls(cache_dir: CacheDir = None, as_json: Json = False,
 
 
 @cache_app.command("rm")
-def cache_rm(set_ids: Annotated[list[str], typer.Argument(help="Feature-set ids (a unique prefix is enough).")],
-             cache_dir: CacheDir = None):
+def cache_rm(set_ids: SetIds, cache_dir: CacheDir = None):
     """Remove feature sets."""
     from .store import FeatureStore
 
     store = FeatureStore(cache_dir_of(cache_dir))
     for sid in set_ids:
         fs = store.find(sid)
-        store.remove(fs.id)
-        print(f"removed {fs.id}")
+        print(store.remove(fs.id))  # "removed ID", or what a linked set's removal left in place
 
 
 @cache_app.command("prune")
-def cache_prune(cache_dir: CacheDir = None,
-                max_size: Annotated[Optional[str], typer.Option("--max-size", help="Keep at most this much, least "
-                                                                               "recently used first out (e.g. 5GB).")] = None,
-                older_than: Annotated[Optional[str], typer.Option("--older-than", help="Remove what was not used "
-                                                                                      "for this long (e.g. 30d).")] = None,
-                features: Annotated[bool, typer.Option("--features", help="Also feature sets (hours of work each), "
-                                                                          "never one being written.")] = False,
-                dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
-                as_json: Json = False):
+def cache_prune(cache_dir: CacheDir = None, max_size: MaxSize = None, older_than: OlderThan = None,
+                features: PruneFeatures = False, dry_run: DryRun = False, as_json: Json = False):
     """Remove least recently used converted graphs (and, with --features, feature sets) from the cache."""
     from .prune import parse_age, parse_size, prune
 
@@ -81,29 +73,21 @@ def cache_prune(cache_dir: CacheDir = None,
     emit(out, as_json, "\n".join(lines))
 
 
-VerifyData = Annotated[Optional[str], typer.Option("--data", help="Also recompute a few stored rows from this "
-                                                                  "dataset's images (same form as extract's).")]
-Sample = Annotated[int, typer.Option("--sample", help="Rows to recompute per set with --data.")]
-
-
-def _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test):
+def _sets(set_ids: list[str] | None, run: RunSettings) -> list:
     from .store import FeatureStore
 
-    store = FeatureStore(cache_dir_of(cache_dir))
-    sets = [store.find(s) for s in set_ids] if set_ids else store.all()
-    ds = DataOptions(data, data_dir, test_size, seed, max_train, max_test).load() if data else None
-    return sets, ds
+    store = FeatureStore(run.cache_dir)
+    return [store.find(s) for s in set_ids] if set_ids else store.all()
 
 
 @cache_app.command("verify")
-def cache_verify(set_ids: Annotated[Optional[list[str]], typer.Argument(help="Sets to check (default all).")] = None,
-                 cache_dir: CacheDir = None, data: VerifyData = None, sample: Sample = 8, data_dir: DataDir = None,
-                 test_size: TestSize = 0.25, seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None):
+@takes(data=CHECK_DATA, run=CACHE)
+def cache_verify(data: Optional[DataOptions], run: RunSettings, set_ids: SetsToCheck = None, sample: Sample = 8):
     """Check feature sets: files readable, right configuration, shapes; with --data, recomputed rows match."""
     from .verify import verify
 
-    sets, ds = _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test)
-    reports = [verify(fs, ds, sample, cache_dir_of(cache_dir)) for fs in sets]
+    ds = data.load() if data else None
+    reports = [verify(fs, ds, run, sample) for fs in _sets(set_ids, run)]
     for r in reports:
         print(r.line())
     bad = [r.set_id for r in reports if not r.ok]
@@ -113,23 +97,21 @@ def cache_verify(set_ids: Annotated[Optional[list[str]], typer.Argument(help="Se
 
 
 @cache_app.command("repair")
-def cache_repair(set_ids: Annotated[list[str], typer.Argument(help="Sets to repair.")], cache_dir: CacheDir = None,
-                 data: VerifyData = None, sample: Sample = 8, data_dir: DataDir = None, test_size: TestSize = 0.25,
-                 seed: Seed = 0, max_train: MaxTrain = None, max_test: MaxTest = None):
+@takes(data=CHECK_DATA, run=CACHE)
+def cache_repair(data: Optional[DataOptions], run: RunSettings, set_ids: SetsToRepair, sample: Sample = 8):
     """Move a set's damaged parts aside (into damaged/) so the next extract recomputes only their rows."""
     from .verify import repair
 
-    sets, ds = _verify_args(set_ids, cache_dir, data, data_dir, test_size, seed, max_train, max_test)
-    for fs in sets:
-        print(repair(fs, ds, sample, cache_dir_of(cache_dir), log=say).line())
+    ds = data.load() if data else None
+    for fs in _sets(set_ids, run):
+        print(repair(fs, ds, run, sample).line())
 
 
 # ---- project file ---------------------------------------------------------------------------------
 @app.command()
 @takes(data=DATA, spec=FEATURES, run=EXTRACT_RUN)
 def init(ctx: typer.Context, data: DataOptions, spec: FeatureSpec, run: RunSettings,
-         augment: Augment = None, tta: Tta = False,
-         force: Annotated[bool, typer.Option("--force", help="Replace an existing featurecache.toml.")] = False):
+         augment: Augment = None, tta: Tta = False, force: InitForce = False):
     """Write featurecache.toml here: the options given become every command's defaults in this folder."""
     from . import config
     from .datasets import BUILTINS
@@ -153,11 +135,7 @@ def init(ctx: typer.Context, data: DataOptions, spec: FeatureSpec, run: RunSetti
 
 
 @app.command("config", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def config_cmd(ctx: typer.Context,
-               command: Annotated[Optional[list[str]], typer.Argument(
-                   help="A command (fit, cache verify) and, if you like, its flags: shows what that call would "
-                        "use.")] = None,
-               as_json: Json = False):
+def config_cmd(ctx: typer.Context, command: ConfigWords = None, as_json: Json = False):
     """The option values in force here and where each comes from: flag, environment, file or default."""
     from . import config
 
@@ -176,27 +154,18 @@ def config_cmd(ctx: typer.Context,
 
 # ---- export (featurecache/export.py, docs/EXPORT.md) -------------------------------------------------
 @app.command("export")
-def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id printed by `featurecache fit`.")] = None,
-               fmt: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
-               precision: Annotated[Optional[str], typer.Option(
-                   "--precision", help="float32 or int8; the run's own (a file feeds its head the vectors it was "
-                                       "fitted on).")] = None,
-               output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write "
-                                                                                   "(default: ./RUN_ID.onnx).")] = None,
-               force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
-               check: Annotated[Optional[Path], typer.Option("--check", help="Run an exported file with plain ONNX "
-                                                                             "Runtime on the run's test images and "
-                                                                             "compare with `featurecache predict`.")] = None,
-               data: Annotated[Optional[str], typer.Option("--data", help="With --check: the data to take the test "
-                                                                          "split of (default: the run's own).")] = None,
-               data_dir: DataDir = None, cache_dir: CacheDir = None, engine: Engine = None, as_json: Json = False):
+def export_cmd(run: ExportRun = None, fmt: ExportFormat = "onnx", precision: ExportPrecision = None,
+               output: Output = None, force: ExportForce = False, check: ExportCheck = None,
+               data: ExportCheckData = None, data_dir: DataDir = None, cache_dir: CacheDir = None,
+               engine: Engine = None, as_json: Json = False):
     """A fitted run as one ONNX file (uint8 images in; scores and label out), or --check such a file."""
     from . import export as fc_export
 
+    settings = RunSettings(cache_dir_of(cache_dir), engine or default_engine(), log=say)
     if check is not None:
         if run is not None:
             raise FeatureCacheError("--check reads the run id from the file's metadata; drop --run")
-        r = fc_export.check(check, cache_dir_of(cache_dir), data, data_dir, engine or default_engine(), log=say)
+        r = fc_export.check(check, settings, data, data_dir)
         emit(r, as_json, fc_export.describe_check(r))
         if r["agree"] != r["images"]:
             raise typer.Exit(1)
@@ -205,7 +174,7 @@ def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id 
         raise FeatureCacheError("--data goes with --check; export takes everything from the run")
     if run is None:
         raise FeatureCacheError("give --run ID to export, or --check FILE to check an exported file")
-    r = fc_export.export_run(run, cache_dir_of(cache_dir), output, fmt, precision, force, log=say)
+    r = fc_export.export_run(fc_export.ExportRequest(run, output, fmt, precision, force), settings)
     emit(r, as_json, f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB): {r['features']} -> {r['head']}, uint8 "
                       f"{r['input_size']}x{r['input_size']} RGB in, {r['score_kind']} scores and label out; "
                       f"head within {r['head_max_difference']:.2g} of the pickled one; {r['seconds']:.1f} s")
@@ -213,26 +182,9 @@ def export_cmd(run: Annotated[Optional[str], typer.Option("--run", help="Run id 
 
 # ---- serving --------------------------------------------------------------------------------------
 @app.command()
-def serve(run: Annotated[Optional[list[str]], typer.Option(
-              "--run", help="Run id printed by `featurecache fit`; repeat to serve several (the first is the "
-                            "default, `?run=ID` picks another).")] = None,
-          all_runs: Annotated[bool, typer.Option("--all-runs", help="Serve every run in the cache, newest "
-                                                                    "first.")] = False,
-          host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback (0.0.0.0 "
-                                                           "exposes it to the network) needs --token.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option("--port")] = 8000,
-          token: Annotated[Optional[str], typer.Option(
-              "--token", envvar="FEATURECACHE_TOKEN", show_default=False,
-              help="Clients must send `Authorization: Bearer TOKEN` (all but /health and the page).")] = None,
-          no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve off loopback without a token "
-                                                                  "(anyone who reaches the port may use it).")] = False,
-          workers: Annotated[int, typer.Option("--workers", help="Processes, each with its own model "
-                                                                 "(1 batches best on few cores).")] = 1,
-          max_batch: Annotated[int, typer.Option("--max-batch", help="Images per forward pass.")] = 32,
-          max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to "
-                                                                          "fill.")] = 2.0,
-          max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Request size limit.")] = 20.0,
-          max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest image, in pixels.")] = 4096 * 4096,
+def serve(run: ServeRuns = None, all_runs: AllRuns = False, host: Host = "127.0.0.1", port: Port = 8000,
+          token: Token = None, no_auth: NoAuth = False, workers: ServeWorkers = 1, max_batch: MaxBatch = 32,
+          max_wait_ms: MaxWaitMs = 2.0, max_body_mb: MaxBodyMb = 20.0, max_pixels: MaxPixels = 4096 * 4096,
           cache_dir: CacheDir = None, engine: Engine = None):
     """Serve fitted runs over HTTP: a page at /, POST /predict and /embed, GET /health, /info, /runs, /sets
     (OpenAPI at /docs)."""

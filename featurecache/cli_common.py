@@ -10,10 +10,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
+from .options import Verbose
 from .settings import default_cache_dir
 
 # No rich markup: help texts say "[default: ...]" literally, which markup would swallow as a tag.
@@ -25,8 +26,7 @@ app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and the "
-                                                                  "engines' own log lines.")] = False):
+def _main(verbose: Verbose = False):
     if verbose:
         from . import quiet
 

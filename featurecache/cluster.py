@@ -34,11 +34,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .cluster_worker import EncodeActor, _carry, _datasource, _rows, graph_files
+from .cluster_worker import EncodeActor, graph_files, make_carry, make_datasource, read_rows
 from .encoder import Encoded, Encoder, measure_rate
 from .errors import FeatureCacheError
-
-EXECUTORS = ("local", "ray")
+from .settings import RunSettings
 INSTALL = 'pip install "featurecache[ray]"'
 PROBE_SECONDS = 5.0  # how long an address may take to answer before we say it does not
 READ_CHUNK = 256  # images per read task: one block; bounds the bytes a read holds at once
@@ -211,11 +210,12 @@ def _workers(ray, cluster: ClusterSettings) -> tuple[int, int]:
     return cpus, cluster.workers or max(1, cpus // cluster.threads_per_worker)
 
 
-def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int, cluster: ClusterSettings,
-                   log=None) -> Iterator[Encoded]:
-    """Encode the images at `positions` of `src` (extract.Sources) on Ray; yields `Encoded` batches as
-    they arrive, each image once. The driver's `encoder` is loaded (its graph converted) and shipped."""
-    with connected(cluster, log) as ray:
+def encode_batches(encoder: Encoder, src, positions: list[int], run: RunSettings) -> Iterator[Encoded]:
+    """Encode the images at `positions` of `src` (extract.Sources) on Ray (`run.cluster`, in batches of
+    `run.batch_size`); yields `Encoded` batches as they arrive, each image once. The driver's `encoder`
+    is loaded (its graph converted) and shipped."""
+    cluster, batch_size = run.cluster or ClusterSettings(), run.batch_size
+    with connected(cluster, run.say) as ray:
         graph = graph_files(encoder)
         _, workers = _workers(ray, cluster)
         seen: set[str] = set()
@@ -226,10 +226,11 @@ def encode_batches(encoder: Encoder, src, positions: list[int], batch_size: int,
         # Pixels go to the object store once per source (read tasks slice them); files travel as paths.
         stores = [None if getattr(s, "paths", None) is not None else ray.put(getattr(s, "array", s))
                   for s in src.sources]
-        carries = [_carry(src.sources[s], idx, keys, stores[s]) for s, idx, keys in _chunks(src, positions, READ_CHUNK)]
+        carries = [make_carry(src.sources[s], idx, keys, stores[s])
+                   for s, idx, keys in _chunks(src, positions, READ_CHUNK)]
         # Reading is I/O: no CPU held; as many reads at once as actors, since zero-CPU tasks would otherwise
         # each get a worker process of their own (Ray warned of 18 on 2 cores, each paying Python's start).
-        ds = ray.data.read_datasource(_datasource(carries), num_cpus=0, concurrency=max(2, workers))
+        ds = ray.data.read_datasource(make_datasource(carries), num_cpus=0, concurrency=max(2, workers))
         ds = ds.map_batches(EncodeActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
                             num_cpus=cluster.threads_per_worker, zero_copy_batch=True,
                             fn_constructor_args=(encoder.description, ray.put(graph) if graph else None,
@@ -266,7 +267,7 @@ def _from_client(ray, encoder: Encoder, graph, src, positions: list[int], batch_
         chunk = next(todo, None)
         if chunk is not None:
             s, idx, keys = chunk
-            flying[actor.__call__.remote(_rows(src.sources[s], idx, keys))] = actor
+            flying[actor.__call__.remote(read_rows(src.sources[s], idx, keys))] = actor
 
     try:
         for actor in actors * 2:
@@ -283,12 +284,12 @@ def _from_client(ray, encoder: Encoder, graph, src, positions: list[int], batch_
             ray.kill(actor)
 
 
-def estimate(encoder: Encoder, src, positions: list[int], batch_size: int, cluster: ClusterSettings,
-             probe: int = 128, log=None) -> dict:
+def estimate(encoder: Encoder, src, positions: list[int], run: RunSettings, probe: int = 128) -> dict:
     """What `encode_batches` would take: one actor on the cluster encodes a warm-up batch, then up to
     `probe` images timed (shipping included); the rate scales by the actors the cluster's CPUs hold."""
     t0 = time.perf_counter()  # a local Ray's start counts: the run pays it too
-    with connected(cluster, log) as ray:
+    cluster, batch_size = run.cluster or ClusterSettings(), run.batch_size
+    with connected(cluster, run.say) as ray:
         cpus, workers = _workers(ray, cluster)
         graph = graph_files(encoder)
         actor = ray.remote(num_cpus=cluster.threads_per_worker)(EncodeActor).remote(
@@ -297,7 +298,7 @@ def estimate(encoder: Encoder, src, positions: list[int], batch_size: int, clust
 
         def encode(chunk: list[int]) -> None:
             for s, idx, keys in _chunks(src, chunk, len(chunk)):
-                rows = ray.get(actor.__call__.remote(_rows(src.sources[s], idx, keys)))
+                rows = ray.get(actor.__call__.remote(read_rows(src.sources[s], idx, keys)))
                 skipped.update((src.sources[s].name(j), str(why)) for j, why in zip(idx, rows["reason"]) if why)
 
         batch = min(batch_size, len(positions))

@@ -19,7 +19,7 @@ from .encoder import Encoded, Encoder
 from .errors import FeatureCacheError
 
 
-def _carry(source, indices: list[int], keys: list[str], pixels=None) -> dict:
+def make_carry(source, indices: list[int], keys: list[str], pixels=None) -> dict:
     """What one read task carries, small whatever the dataset's size: its files' paths, or `pixels` (the
     source's array, or the source itself, by object-store reference) and the indices it slices."""
     paths = getattr(source, "paths", None)
@@ -51,16 +51,16 @@ def _read(carry: dict) -> dict[str, list]:
             "shape": ["x".join(map(str, a.shape)) for a in images]}
 
 
-def _rows(source, indices: list[int], keys: list[str]) -> dict[str, list]:
+def read_rows(source, indices: list[int], keys: list[str]) -> dict[str, list]:
     """A block read by the driver itself (plan's probe, Ray Client)."""
-    return _read(_carry(source, indices, keys, getattr(source, "array", source)))
+    return _read(make_carry(source, indices, keys, getattr(source, "array", source)))
 
 
 def _item(data: bytes, shape: str):
     return np.frombuffer(data, np.uint8).reshape([int(s) for s in shape.split("x")]) if shape else bytes(data)
 
 
-def _datasource(carries: list[dict]):
+def make_datasource(carries: list[dict]):
     """A Ray Datasource with one read task per carried chunk."""
     import pyarrow as pa
     from ray.data.block import BlockMetadata

@@ -2,7 +2,7 @@
 
 A fit names one or more taps (`--layer A --layer B`, concatenated in that order) and a pooling that is
 either stored (`flatten`, `avg`, `max`) or a view of a stored flattened map (`max2x2`, `avg2x2`,
-`gridN`, and `avg`/`max` too: featurecache/views.py). For each tap, `gather` reads, in this order of
+`gridN`, and `avg`/`max` too: featurecache/pooling.py). For each tap, `gather` reads, in this order of
 preference: a set stored with that pooling; the tap's stored flattened map, pooled here; or (with
 `compute`) what extraction stores for it. Every choice is recorded in the run as a `Block`, and
 `rows()` turns the encoder's vectors of new images into a run's rows with the same blocks, so fit,
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import upgrades, views
+from . import upgrades
 from .errors import FeatureCacheError
+from .pooling import STORED, Pooling
 from .settings import FeatureSpec, RunSettings, calibrated, resolve
 from .store import FeatureStore
 
@@ -42,7 +43,7 @@ class Block:
         return cls(**dict(d, shape=tuple(d["shape"])))
 
     def rows(self, stored_rows: np.ndarray) -> np.ndarray:
-        return stored_rows if self.stored == self.pool else views.apply(stored_rows, self.shape, self.pool)
+        return stored_rows if self.stored == self.pool else Pooling.parse(self.pool).rows(stored_rows, self.shape)
 
 
 @dataclass
@@ -108,18 +109,20 @@ def plan(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=No
          splits: tuple[str, ...] = ("train", "test")):
     """(resolved spec, blocks): which stored set each tap is read from and how, extracting what is
     missing when `compute`; reads no vectors (see `gather`, `read`)."""
-    pool = views.check(spec.pool)
+    pooling = Pooling.parse(spec.pool)
+    pool = pooling.name
     spec = calibrated(spec, ds.train.images.ids)
     store = FeatureStore(run.cache_dir)
     native = ds.native_size()
-    candidates = ([pool] if pool in views.STORED else []) + (["flatten"] if pool != "flatten" else [])
+    candidates = ([pool] if not pooling.is_view else []) + (["flatten"] if pool != "flatten" else [])
     resolved = {c: resolve(stored_spec(spec, c), native, run.cache_dir) for c in candidates}
     first = resolved[candidates[0]]
     if any(upgrades.outdated(r) for r in resolved.values()):  # sets made with other library versions
         from .extract import check_upgrades
 
-        for r in resolved.values():
-            check_upgrades(r, [getattr(ds, split).images for split in splits], store, run)
+        resolved = {c: check_upgrades(r, [getattr(ds, split).images for split in splits], store, run)
+                    for c, r in resolved.items()}
+        first = resolved[candidates[0]]
     ids = [i for split in splits for i in getattr(ds, split).images.ids]
     chosen: dict[str, tuple[str, str]] = {}  # layer -> (stored pooling, source)
     for layer in first.layers:
@@ -129,7 +132,7 @@ def plan(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=No
                 break
     lacking = [layer for layer in first.layers if layer not in chosen]
     if lacking:
-        extract_pool = pool if pool in views.STORED else "flatten"
+        extract_pool = pooling.stored
         if not compute:
             raise FeatureCacheError(_missing_message(spec, extract_pool, lacking, first, data, ds, run,
                                                      resolved, store, ids))
@@ -143,7 +146,7 @@ def plan(ds, spec: FeatureSpec, run: RunSettings, compute: bool = False, data=No
     for layer in first.layers:
         stored, source = chosen[layer]
         blocks.append(Block(layer, pool, stored, resolved[stored].set_ids[layer], shapes[layer],
-                            views.dims(shapes[layer], pool), source))
+                            pooling.dims(shapes[layer]), source))
     _drop_skipped(ds, [store.get(b.set_id) for b in blocks], run)
     return first, blocks
 
@@ -169,7 +172,7 @@ def _missing_message(spec, extract_pool, lacking, res, data, ds, run, resolved, 
                       *(["--augment", spec.view] if spec.view else []),
                       *(["--cache-dir", str(run.cache_dir)] if run.cache_dir != default_cache_dir() else [])])
     if spec.pool != extract_pool:  # a view: say what the stored sets of that tap allow
-        others = [p for p in views.STORED if p != "flatten" and
+        others = [p for p in STORED if p != "flatten" and
                   _complete(store.get(resolve(stored_spec(spec, p), ds.native_size(), run.cache_dir)
                                       .set_ids[lacking[0]]), ids)]
         if others:

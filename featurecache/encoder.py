@@ -28,10 +28,10 @@ import numpy as np
 
 from . import augment
 from . import images as imagelib
-from .backbones import preprocess
 from .errors import FeatureCacheError
+from .pooling import Pooling
+from .preprocessing import preprocess
 from .settings import ON_ERROR, FeatureSpec, Resolved, resolve
-from .taps import pool_maps
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class Encoder:
 
             graph = Graph(res.backbone.name, res.weights.id, res.size, self.taps)
             images = (lambda: self._calibration_batch()) if self._calibration else None
-            self._forward = make_forward(self.option, model, graph, self.cache_dir, res.precision_setting,
+            self._forward = make_forward(self.option, model, graph, self.cache_dir, res.precision,
                                          images, self.log, self.measure)
             self._model = None  # the forward pass holds what it needs
         return self
@@ -234,7 +234,8 @@ class Encoder:
         """uint8 (N, size, size, 3), already decoded and resized -> {tap: (N, dims) float32}."""
         outs = self.load()._forward(preprocess(np.asarray(pixels), self.res.preprocess_mode))
         self.passes, self.encoded = self.passes + 1, self.encoded + len(pixels)
-        return {t: pool_maps(np.asarray(maps), self.res.pool) for t, maps in zip(self.taps, outs)}
+        pooling = Pooling.parse(self.res.pool)
+        return {t: pooling.maps(np.asarray(maps)) for t, maps in zip(self.taps, outs)}
 
     def encode(self, items, names=None, keys=None) -> Encoded:
         """Items -> vectors per tap, with the on-error policy applied."""

@@ -20,13 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .errors import FeatureCacheError
+from .runs import Run, load_head
+from .settings import RunSettings
 
 FORMATS = ("onnx",)
 PRECISIONS = ("float32", "int8")
@@ -54,32 +56,32 @@ def exportable_heads() -> list[str]:
     return names
 
 
-def _check_request(fmt: str, precision: str | None, record: dict) -> None:
+def _check_request(fmt: str, precision: str | None, run: Run) -> None:
     if fmt not in FORMATS:
         raise FeatureCacheError(f"--format {fmt}: unknown; use {', '.join(FORMATS)}")
     if precision is not None and precision not in PRECISIONS:
         raise FeatureCacheError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
-    if record.get("tta"):
-        raise FeatureCacheError(f"--run {record['run_id']}: averages test-time views (--tta); export a run "
+    if run.tta:
+        raise FeatureCacheError(f"--run {run.id}: averages test-time views (--tta); export a run "
                                 "fitted without --tta")
-    fitted = record.get("spec", {}).get("precision", "float32")
+    fitted = run.precision
     if precision is not None and precision != fitted:
         raise FeatureCacheError(
-            f"--precision {precision}: run {record['run_id']} was fitted on {fitted} features, and a file must feed "
+            f"--precision {precision}: run {run.id} was fitted on {fitted} features, and a file must feed "
             f"its head the vectors it was fitted on; fit a head on --precision {precision} features and export "
             f"that run, or drop --precision")
     if fitted not in PRECISIONS:
-        raise FeatureCacheError(f"--run {record['run_id']}: fitted on {fitted} features, which do not export; "
+        raise FeatureCacheError(f"--run {run.id}: fitted on {fitted} features, which do not export; "
                                 f"exported precisions: {', '.join(PRECISIONS)}")
 
 
-def _probe_rows(record: dict, cache_dir: Path, dims: int) -> np.ndarray:
+def _probe_rows(run: Run, cache_dir: Path, dims: int) -> np.ndarray:
     """Rows to hold the converted head to the pickled one: cached vectors of the run's set, plus random ones."""
     rows = []
     try:
         from .store import FeatureStore
 
-        fs = FeatureStore(cache_dir).get(record["feature_set"])
+        fs = FeatureStore(cache_dir).get(run.feature_set)
         if fs is not None and fs.dims == dims:
             rows.append(fs.gather(list(fs.index())[:PROBE_ROWS]))
     except Exception:  # the cache may have been cleaned: random rows still test the conversion
@@ -89,7 +91,7 @@ def _probe_rows(record: dict, cache_dir: Path, dims: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
-def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
+def head_part(run: Run, pipeline, dims: int, cache_dir: Path, log=None):
     """(ONNX of features -> scores/label/label_name, score kind, largest probe difference, head classes)."""
     from . import export_graph as eg
     from .heads import scores
@@ -97,9 +99,9 @@ def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
     try:
         skl = eg.sklearn_model(pipeline, dims)
     except eg.NoConverter as e:
-        raise FeatureCacheError(f"--run {record['run_id']}: head {record['head']!r} has no ONNX converter ({e}); "
+        raise FeatureCacheError(f"--run {run.id}: head {run.head!r} has no ONNX converter ({e}); "
                                 f"heads that export: {', '.join(exportable_heads())}") from None
-    probe = _probe_rows(record, cache_dir, dims)
+    probe = _probe_rows(run, cache_dir, dims)
     ref = scores(pipeline, probe.copy())  # the normaliser works in place: keep the probe intact
     raw_name = eg.score_output(skl)
     raw = _run_proto(skl, raw_name, probe).reshape(len(probe), -1)
@@ -108,13 +110,13 @@ def head_part(record: dict, pipeline, dims: int, cache_dir: Path, log=None):
     adapter, err = eg.choose_adapter(raw, ref.values, ref.kind, SCORE_TOL * scale)
     if err <= SCORE_TOL * scale:
         post = eg.post_model("head/" + raw_name, raw.shape[1], adapter, [int(c) for c in ref.classes],
-                             list(record["class_names"]))
+                             list(run.class_names))
         head = eg.merge(eg.prefixed(skl, "head/"), post, [("head/" + raw_name, "head/" + raw_name)],
                         outputs=["scores", "label", "label_name"])
         got = _run_proto(head, "scores", probe, "head/" + eg.FEATURES)  # the joined part, as the file will run it
         err = float(np.abs(got - ref.values).max()) if got.shape == ref.values.shape else float("inf")
     if not err <= SCORE_TOL * scale:
-        raise FeatureCacheError(f"--run {record['run_id']}: the ONNX conversion of head {record['head']!r} does not "
+        raise FeatureCacheError(f"--run {run.id}: the ONNX conversion of head {run.head!r} does not "
                                 f"reproduce its scores (largest difference {err:.3g}); heads that export: "
                                 f"{', '.join(exportable_heads())}")
     _say(log, f"head: {type(pipeline[-1]).__name__ if hasattr(pipeline, 'steps') else type(pipeline).__name__} "
@@ -144,7 +146,7 @@ def _run_proto(proto, output: str, x: np.ndarray, input_name: str | None = None)
         os.unlink(path)
 
 
-def backbone_part(record: dict, cache_dir: Path, log=None):
+def backbone_part(run: Run, cache_dir: Path, log=None):
     """(ONNX of uint8 images -> the run's vectors, their dims): our exporter on the rebuilt backbone, or the
     run's own int8 graph for a run fitted on int8 features, with one output per tap; each tap pooled into
     its block (a stored pooling or a fit-time view), the blocks concatenated in the run's order."""
@@ -152,21 +154,18 @@ def backbone_part(record: dict, cache_dir: Path, log=None):
     from .backbones import get_backbone
     from .backbones.weights import resolve_weights
 
-    from .predict import run_blocks
-
-    blocks = [(b.layer, b.pool) for b in run_blocks(record)]
+    blocks = [(b.layer, b.pool) for b in run.blocks]
     taps = list(dict.fromkeys(layer for layer, _ in blocks))
-    key = record["feature_key"]
+    key = run.feature_key
     backbone = get_backbone(key["model"])
-    spec = record.get("spec", {})
-    weights = resolve_weights(backbone, spec.get("weights", record.get("weights")), spec.get("seed", 0), cache_dir)
+    weights = resolve_weights(backbone, run.spec.weights, run.spec.seed, cache_dir)
     if weights.id != key["weights"]:
-        raise FeatureCacheError(f"--run {record['run_id']}: the weights {weights.label!r} are now {weights.id}, but "
+        raise FeatureCacheError(f"--run {run.id}: the weights {weights.label!r} are now {weights.id}, but "
                                 f"the run's features came from {key['weights']}; fit the head again")
     from .engines import onnx_export
 
-    if record.get("spec", {}).get("precision") == "int8":
-        proto = _int8_backbone(record, key, taps, cache_dir, log)
+    if run.precision == "int8":
+        proto = _int8_backbone(run, key, taps, cache_dir, log)
     else:
         from .backbones.build import build_model
 
@@ -175,14 +174,14 @@ def backbone_part(record: dict, cache_dir: Path, log=None):
         try:
             proto = onnx_export.export(model, taps)
         except onnx_export.Unsupported as e:
-            raise FeatureCacheError(f"--run {record['run_id']}: cannot write {backbone.name} as ONNX ({e})") from None
+            raise FeatureCacheError(f"--run {run.id}: cannot write {backbone.name} as ONNX ({e})") from None
     net, dims = eg.pooled(proto, blocks, "backbone/")
     pre = eg.preprocess_model(int(key["size"]), key["preprocess"], "backbone/" + onnx_export.INPUT)
     return eg.merge(pre, net, [("backbone/" + onnx_export.INPUT, "backbone/" + onnx_export.INPUT)],
                     outputs=[eg.FEATURES]), dims
 
 
-def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, log=None):
+def _int8_backbone(run: Run, key: dict, taps: list[str], cache_dir: Path, log=None):
     """The int8 QDQ graph the run's features came from (engines/int8.py), cut to the run's taps: no
     requantising, so the file's backbone is the run's own; only the kernels that run it differ."""
     import onnx
@@ -193,7 +192,7 @@ def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, lo
 
     calibration = Precision.parse(key["precision"]).calibration
     if not is_current(calibration):
-        raise FeatureCacheError(f"--run {record['run_id']}: fitted on int8 features of an earlier featurecache "
+        raise FeatureCacheError(f"--run {run.id}: fitted on int8 features of an earlier featurecache "
                                 "(an OpenVINO IR, which has no ONNX writer); extract with --precision int8 again, "
                                 "fit the head on them and export that run")
     def graph(of):
@@ -205,7 +204,7 @@ def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, lo
     else:  # taps extracted at different times came from different graphs: each tap from its own
         for tap in taps:
             if (one := graph([tap])) is None:
-                raise FeatureCacheError(f"--run {record['run_id']}: the int8 graph of {tap} (calibration "
+                raise FeatureCacheError(f"--run {run.id}: the int8 graph of {tap} (calibration "
                                         f"{calibration}) is not in the cache; run `featurecache extract --precision "
                                         "int8` with the run's settings on its training data to recreate it")
             groups.setdefault(one, []).append(tap)
@@ -222,57 +221,62 @@ def _int8_backbone(record: dict, key: dict, taps: list[str], cache_dir: Path, lo
     return parts[0] if len(parts) == 1 else side_by_side(parts, INPUT)
 
 
-def metadata(record: dict, kind: str, classes) -> dict[str, str]:
-    from .predict import run_blocks
-
-    key = record["feature_key"]
-    names = list(record["class_names"])
+def metadata(run: Run, kind: str, classes) -> dict[str, str]:
+    key = run.feature_key
+    names = list(run.class_names)
     return {
         "class_names": json.dumps(names),
         "score_classes": json.dumps([names[int(c)] for c in classes]),
         "score_kind": kind,
-        "run_id": record["run_id"],
+        "run_id": run.id,
         "feature_key": json.dumps(key, sort_keys=True),
-        "blocks": json.dumps([{"layer": b.layer, "pool": b.pool} for b in run_blocks(record)]),
-        "features": record.get("features", ""),
-        "head": record["head"],
-        "normalize": str(record.get("normalize")),
-        "pca": str(record.get("pca")),
+        "blocks": json.dumps([{"layer": b.layer, "pool": b.pool} for b in run.blocks]),
+        "features": run.features,
+        "method": run.describe(),
+        "head": run.head,
+        "normalize": str(run.normalize),
+        "pca": str(run.pca),
         "input_size": str(key["size"]),
         "input": f"images: uint8 (N, {key['size']}, {key['size']}, 3) RGB, resized by the caller",
         "resize": key["resize"],  # auto: a rule per image (a folder of mixed sizes), spelt out below
         "resize_rule": "nearest when neither side shrinks, else bilinear (Pillow's, antialiased)"
         if key["resize"] == "auto" else key["resize"],
-        "precision": record.get("spec", {}).get("precision", "float32"),
+        "precision": run.precision,
         "featurecache_version": __version__,
         "outputs": "scores (N, K) float32 in score_classes order; label (N,) int64 index into class_names; "
                    "label_name (N,) string",
     }
 
 
-def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: str = "onnx",
-               precision: str | None = None, force: bool = False, log=None) -> dict:
-    """Write run `run_id` as one ONNX file; returns a summary (path, sizes, checks)."""
-    from .runs import load_head
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `featurecache export` is asked to write: which run, where, in which format and precision."""
+    run_id: str
+    output: Path | None = None  # default: <run id>.onnx here
+    fmt: str = "onnx"
+    precision: str | None = None  # only the run's own precision (it may be repeated, not changed)
+    force: bool = False  # overwrite an existing file
 
+
+def export_run(request: ExportRequest, settings: RunSettings) -> dict:
+    """Write the run `request` names as one ONNX file; returns a summary (path, sizes, checks)."""
     t0 = time.perf_counter()
-    record, pipeline = load_head(cache_dir, run_id)
-    record.setdefault("run_id", run_id)
-    _check_request(fmt, precision, record)
-    out = Path(output) if output else Path(f"{run_id}.onnx")
-    if out.exists() and not force:
+    run_id, cache_dir, log = request.run_id, settings.cache_dir, settings.say
+    run, pipeline = load_head(cache_dir, run_id)
+    _check_request(request.fmt, request.precision, run)
+    out = Path(request.output) if request.output else Path(f"{run_id}.onnx")
+    if out.exists() and not request.force:
         raise FeatureCacheError(f"-o {out}: exists; pass --force to overwrite it")
     if out.exists() and out.is_dir():
         raise FeatureCacheError(f"-o {out}: is a folder; give a file name such as {out / (run_id + '.onnx')}")
-    if int(record.get("dims", 0)) and hasattr(pipeline, "n_features_in_") and \
-            int(pipeline.n_features_in_) != int(record["dims"]):
+    if run.dims and hasattr(pipeline, "n_features_in_") and int(pipeline.n_features_in_) != run.dims:
         raise FeatureCacheError(f"--run {run_id}: head takes {pipeline.n_features_in_} features, the run says "
-                                f"{record['dims']}; fit the head again")
-    head, kind, err, classes = head_part(record, pipeline, int(record["dims"]), cache_dir, log)  # fails before TF loads
-    net, dims = backbone_part(record, cache_dir, log)
-    if dims != int(record["dims"]):
+                                f"{run.dims}; fit the head again")
+    head, kind, err, classes = head_part(run, pipeline, run.dims, cache_dir, log)  # fails before TF loads
+    net, dims = backbone_part(run, cache_dir, log)
+    if dims != run.dims:
         raise FeatureCacheError(f"--run {run_id}: the rebuilt backbone gives {dims} features, the head takes "
-                                f"{record['dims']}; fit the head again")
+                                f"{run.dims}; fit the head again")
     from . import export_graph as eg
 
     full = eg.merge(net, head, [(eg.FEATURES, "head/" + eg.FEATURES)], outputs=["scores", "label", "label_name"])
@@ -280,11 +284,11 @@ def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: st
 
     full.graph.name = f"featurecache {run_id}"
     full.producer_name, full.producer_version = "featurecache", __version__
-    full.doc_string = (f"featurecache run {run_id}: {record.get('features', '')} -> {record['head']}. "
+    full.doc_string = (f"featurecache run {run_id}: {run.features} -> {run.head}. "
                        "Input uint8 RGB NHWC at the input_size in metadata; outputs scores, label, label_name.")
     full.graph.doc_string = full.doc_string  # merge_models's would name skl2onnx's random graph ids: same run, same bytes
     del full.metadata_props[:]
-    for k, v in metadata(record, kind, classes).items():
+    for k, v in metadata(run, kind, classes).items():
         full.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(full, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -294,8 +298,8 @@ def export_run(run_id: str, cache_dir: Path, output: Path | None = None, fmt: st
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"path": str(out), "run_id": run_id, "bytes": out.stat().st_size, "input_size": int(record["size"]),
-            "features": record.get("features"), "head": record["head"], "score_kind": kind,
+    return {"path": str(out), "run_id": run_id, "bytes": out.stat().st_size, "input_size": run.size,
+            "features": run.features, "method": run.describe(), "head": run.head, "score_kind": kind,
             "head_max_difference": err, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -333,40 +337,32 @@ def _read_meta(model: Path) -> dict:
     return meta
 
 
-def _read_size(backbone, spec_size, native) -> int:
-    """The input size featurecache reads images of side `native` at, for a run whose --size was `spec_size`."""
-    if spec_size:
-        return int(spec_size)
-    if native is None:
-        return backbone.default_size
-    return max(int(native), backbone.min_size)
-
-
-def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str | None = None,
-          engine: str = "auto", log=None) -> dict:
-    """Agreement of the file (plain ONNX Runtime) with `featurecache predict` on the run's test images."""
+def check(model: Path, settings: RunSettings, data: str | None = None, data_dir: str | None = None) -> dict:
+    """Agreement of the file (plain ONNX Runtime) with `featurecache predict` on the run's test images (of
+    `data`, `data_dir` where given instead of the run's own dataset)."""
     from .datasets import DataOptions
     from .backbones import get_backbone
     from .encoder import decode
     from .extract import source_item
-    from .runs import load_head
+    from .settings import input_size
 
     t0 = time.perf_counter()
+    cache_dir, log = settings.cache_dir, settings.say
     meta = _read_meta(model)
     size, method = int(meta["input_size"]), meta.get("resize", "nearest")
-    record, pipeline = load_head(cache_dir, meta["run_id"])
-    opts = DataOptions(**record["data_options"])
+    run, pipeline = load_head(cache_dir, meta["run_id"])
+    opts = DataOptions(**run.data_options)
     if data:
         opts = replace(opts, data=data, data_dir=data_dir)
     ds = opts.load()
     native = ds.native_size()
-    backbone = get_backbone(record["feature_key"]["model"])
-    reads_at = _read_size(backbone, record.get("spec", {}).get("size"), native)
+    backbone = get_backbone(run.feature_key["model"])
+    reads_at = input_size(backbone, run.asked_size, native)  # the run's own size rule
     if reads_at != size:
         seen = f"{native}x{native}" if native else "of mixed sizes"
         raise FeatureCacheError(f"--check {model}: the images of {opts.data} are {seen}, which run {meta['run_id']} "
                                 f"reads at {reads_at}x{reads_at}, but the file takes {size}x{size}; check it on "
-                                f"images of the run's size (its own data: --data {record['data_options']['data']})")
+                                f"images of the run's size (its own data: --data {run.data_options['data']})")
     test = ds.test.images
     # The pixels featurecache itself decodes (JPEG draft scale included where `auto` uses it), so a difference
     # found is the file's, not the decoder's.
@@ -375,7 +371,7 @@ def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str |
         np.zeros((0, size, size, 3), np.uint8)
     _say(log, f"running {model} with ONNX Runtime alone on {len(test)} test images of {opts.data}")
     got = run_file(model, images)
-    ref = _predict_rows(record, pipeline, ds, cache_dir, engine, log)
+    ref = _predict_rows(run, pipeline, ds, replace(settings, progress=False))
     names = np.array([r["label"] for r in ref])
     agree = int((got["label_name"] == names).sum()) if len(names) else 0
     diff = float(np.abs(got["scores"] - np.stack([r["values"] for r in ref])).max()) if len(ref) else 0.0
@@ -386,26 +382,17 @@ def check(model: Path, cache_dir: Path, data: str | None = None, data_dir: str |
             "sklearn_imported": bool(got["sklearn_imported"]), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _predict_rows(record, pipeline, ds, cache_dir, engine, log) -> list[dict]:
-    """What `featurecache predict` gives on the test images: the run's head on the run's vectors of them."""
-    from .compose import rows as compose_rows
-    from .extract import extract
+def _predict_rows(run: Run, pipeline, ds, settings: RunSettings) -> list[dict]:
+    """What `featurecache predict` gives on the test images: the run's head on the run's rows of them."""
     from .heads import scores
-    from .predict import label_rows, run_blocks, stored_specs
-    from .store import FeatureStore
+    from .predict import label_rows
 
     test = ds.test.images
     if not len(test):
         return []
-    stored = {}
-    for spec in stored_specs(record).values():  # each tap as stored, then the run's blocks of them
-        res, _ = extract([test], spec, cache_dir, progress=False, log=log, engine=engine)
-        stored.update({layer: FeatureStore(cache_dir).get(res.set_ids[layer]).gather(test.ids)
-                       for layer in spec.layers})
-    x = compose_rows(run_blocks(record), stored)
-
+    x = run.rows(test, settings)
     values = scores(pipeline, x.copy()).values  # the normaliser works in place
-    rows = label_rows(test.ids, pipeline, x, record["class_names"], top=1)
+    rows = label_rows(test.ids, pipeline, x, list(run.class_names), top=1)
     return [{"label": r["label"], "values": v.astype(np.float32)} for r, v in zip(rows, values)]
 
 

@@ -15,16 +15,10 @@ import warnings
 
 import numpy as np
 
-from .errors import FeatureCacheError
-
 OPSET = 17  # the backbone exporter's opset; every piece is written for it
 ML_OPSET = 3
 IR_VERSION = 8  # what the backbone exporter writes: readable by ONNX Runtime releases of the last years
 FEATURES = "features"
-
-_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # as featurecache.backbones
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 class NoConverter(Exception):
@@ -50,36 +44,12 @@ def _const(name: str, value):
 # ---- glue before the backbone: uint8 NHWC -> the network's float input -------------------------------
 
 def preprocess_model(size: int, mode: str, out: str):
-    """uint8 (N, size, size, 3) RGB `images` -> float32 `out`, exactly featurecache.backbones.preprocess."""
+    """uint8 (N, size, size, 3) RGB `images` -> float32 `out`: featurecache.preprocessing's ONNX form of `mode`."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Cast", ["images"], ["pre/x"], to=TensorProto.FLOAT)]
-    inits = []
-    x = "pre/x"
+    from .preprocessing import onnx_nodes
 
-    def op(kind, value, name):
-        nonlocal x
-        inits.append(_const(f"pre/{name}/c", np.asarray(value, np.float32)))
-        nodes.append(helper.make_node(kind, [x, f"pre/{name}/c"], [f"pre/{name}"]))
-        x = f"pre/{name}"
-
-    if mode == "caffe":  # RGB -> BGR, minus the ImageNet mean
-        inits.append(_const("pre/bgr/idx", np.array([2, 1, 0], np.int64)))
-        nodes.append(helper.make_node("Gather", [x, "pre/bgr/idx"], ["pre/bgr"], axis=3))
-        x = "pre/bgr"
-        op("Sub", _CAFFE_MEAN_BGR, "mean")
-    elif mode == "tf":
-        op("Div", 127.5, "scale")
-        op("Sub", 1.0, "shift")
-    elif mode == "torch":
-        op("Div", 255.0, "scale")
-        op("Sub", _TORCH_MEAN, "mean")
-        op("Div", _TORCH_STD, "std")
-    elif mode == "scale01":
-        op("Div", 255.0, "scale")
-    elif mode != "none":
-        raise FeatureCacheError(f"preprocessing {mode!r}: unknown to the exporter")
-    nodes.append(helper.make_node("Identity", [x], [out]))
+    nodes, inits = onnx_nodes(mode, "images", out)
     return _model(nodes, [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", size, size, 3])],
                   [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", size, size, 3])], inits, "preprocess")
 
@@ -88,70 +58,23 @@ def preprocess_model(size: int, mode: str, out: str):
 
 def pool_model(blocks, out: str = FEATURES):
     """The run's rows in ONNX, from its taps' maps: `blocks` is [(tap value, NHWC shape, pool)] in the run's
-    column order; each tap's map is pooled as featurecache.taps.pool_maps (stored poolings) or
-    featurecache.views.apply (fit-time views) pools it, and the blocks are concatenated (axis 1) into `out`.
+    column order; each tap's map is pooled by featurecache.pooling's ONNX form of its pooling (the form the
+    encoder and fit-time views run in numpy), and the blocks are concatenated (axis 1) into `out`.
     Returns (model, dims). Maps stay NHWC, so every flatten keeps Keras's (H, W, C) order."""
     from onnx import TensorProto, helper
+
+    from .pooling import Pooling
 
     nodes, inits, dims, parts, inputs = [], [], 0, [], {}
     for i, (tap, shape, pool) in enumerate(blocks):
         inputs.setdefault(tap, tuple(int(d) for d in shape))
         part = out if len(blocks) == 1 else f"pool/{i}/out"
-        dims += _pool_block(nodes, inits, f"pool/{i}", tap, inputs[tap], pool, part)
+        dims += Pooling.parse(pool).onnx(nodes, inits, f"pool/{i}", tap, inputs[tap], part)
         parts.append(part)
     if len(blocks) > 1:
         nodes.append(helper.make_node("Concat", parts, [out], axis=1))
     return _model(nodes, [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["N", *s]) for t, s in inputs.items()],
                   [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", dims])], inits, "pool"), dims
-
-
-def _pool_block(nodes, inits, p: str, tap: str, shape: tuple, pool: str, out: str) -> int:
-    """Append the nodes pooling one tap's map into `out` (N, dims); returns dims."""
-    from onnx import helper
-
-    from . import views
-
-    def flat(src: str) -> None:
-        inits.append(_const(f"{p}/shape", np.array([0, -1], np.int64)))
-        nodes.append(helper.make_node("Reshape", [src, f"{p}/shape"], [out]))
-
-    if pool not in views.STORED and not views.is_view(pool):
-        raise FeatureCacheError(f"pool {pool!r}: unknown to the exporter, which writes {', '.join(views.STORED)}, "
-                                f"{', '.join(views.WINDOWS)} and gridN")
-    if len(shape) == 1 or pool == "flatten":  # a vector tap passes through, as taps.pool_maps
-        if len(shape) == 1 and views.is_view(pool):
-            views.dims(shape, pool)  # one line: a view needs a map
-        flat(tap)
-        return int(np.prod(shape))
-    dims = views.dims(shape, pool)
-    h, w, _ = shape
-    if pool in ("avg", "max"):  # axes: an attribute up to opset 17
-        nodes.append(helper.make_node("ReduceMean" if pool == "avg" else "ReduceMax", [tap], [out], axes=[1, 2],
-                                      keepdims=0))
-    elif pool in views.WINDOWS:  # as Keras's 2x2 pooling: stride 2, no padding, odd edges dropped (floor)
-        if h < 2 or w < 2:
-            raise FeatureCacheError(f"--pool {pool}: the map is {h}x{w}, too small for 2x2 windows; use avg or max")
-        nodes += [helper.make_node("Transpose", [tap], [f"{p}/nchw"], perm=[0, 3, 1, 2]),
-                  helper.make_node("MaxPool" if pool == "max2x2" else "AveragePool", [f"{p}/nchw"], [f"{p}/win"],
-                                   kernel_shape=[2, 2], strides=[2, 2]),
-                  helper.make_node("Transpose", [f"{p}/win"], [f"{p}/nhwc"], perm=[0, 2, 3, 1])]
-        flat(f"{p}/nhwc")
-    else:  # gridN: max over PyTorch's adaptive bins; a box's max is the max over its rows of the max over its columns
-        n = int(pool[len("grid"):])
-        src = tap
-        for axis, size in ((1, h), (2, w)):
-            bins = []
-            for j, (lo, hi) in enumerate(views.bins(size, n)):
-                name = f"{p}/ax{axis}/{j}"
-                inits += [_const(f"{name}/{k}", np.array([v], np.int64)) for k, v in (("lo", lo), ("hi", hi),
-                                                                                        ("axis", axis))]
-                nodes += [helper.make_node("Slice", [src, f"{name}/lo", f"{name}/hi", f"{name}/axis"], [f"{name}/cut"]),
-                          helper.make_node("ReduceMax", [f"{name}/cut"], [f"{name}/max"], axes=[axis], keepdims=1)]
-                bins.append(f"{name}/max")
-            nodes.append(helper.make_node("Concat", bins, [f"{p}/ax{axis}"], axis=axis))
-            src = f"{p}/ax{axis}"
-        flat(src)  # (N, n, n, C) -> (N, n*n*C) in (row, column, channel) order, as views.apply
-    return dims
 
 
 def pooled(backbone, blocks: list[tuple[str, str]], prefix: str):

@@ -22,8 +22,8 @@ import numpy as np
 from . import encoder as encoderlib
 from .engines import choose
 from .errors import FeatureCacheError
-from .settings import (ON_ERROR, RESIZES, FeatureSpec, Resolved, RunSettings,  # noqa: F401  (re-exported)
-                       calibrated, calibration_sample, resolve)
+from .settings import (FeatureSpec, Resolved, RunSettings, calibrated, calibration_sample,  # noqa: F401 (re-exported)
+                       resolve)
 from .store import FeatureStore
 from .taps import check_layers
 
@@ -33,6 +33,14 @@ def source_item(source, index: int):
     can check it cheaply first), else the source's own loader, called only when the batch is decoded."""
     paths = getattr(source, "paths", None)
     return paths[index] if paths is not None else partial(source.load, index)
+
+
+def first_positions(ids) -> dict[str, int]:
+    """{image id: its first position in `ids`}: an image listed twice (one content, one id) is read from there."""
+    first: dict[str, int] = {}
+    for pos, i in enumerate(ids):
+        first.setdefault(i, pos)
+    return first
 
 
 class Sources:
@@ -98,22 +106,11 @@ def pending(sources, res: Resolved, store: FeatureStore) -> Pending:
     """Look up every tap's feature set: which images still need the network (reads only)."""
     src = Sources(sources)
     ids = list(dict.fromkeys(src.ids))  # an image that appears twice is computed once
-    first = {}
-    for pos, i in enumerate(src.ids):
-        first.setdefault(i, pos)
+    first = first_positions(src.ids)
     sets = {layer: store.get(res.set_ids[layer]) for layer in res.layers}
     need = {layer: (ids if fs is None else [ids[k] for k in fs.missing(ids)]) for layer, fs in sets.items()}
     bad = _known_bad(sets, need)
     return Pending(src, ids, first, sets, need, bad)
-
-
-def extract(sources, spec: FeatureSpec, cache_dir: Path, native_size: int | None = None,
-            batch_size: int = 64, progress: bool = True, log=None,
-            on_error: str = "fail", engine: str = "auto", executor: str = "local",
-            cluster=None) -> tuple[Resolved, Summary]:
-    """`run_extract` with the run settings given one by one."""
-    return run_extract(sources, spec, RunSettings(cache_dir, engine, batch_size, progress, on_error, log, executor,
-                                                  cluster), native_size)
 
 
 def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int | None = None
@@ -134,7 +131,7 @@ def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int |
     for n in res.notices:
         run.say(f"notice: {n}")
     store = FeatureStore(run.cache_dir)
-    check_upgrades(res, sources, store, run)
+    res = check_upgrades(res, sources, store, run)
     p = pending(sources, res, store)
     src, ids, first, sets, need, bad = p.src, p.ids, p.first, p.sets, p.need, p.bad
     todo = p.todo
@@ -156,13 +153,13 @@ def run_extract(sources, spec: FeatureSpec, run: RunSettings, native_size: int |
                        "stored": len(fs), "computed": len(need[layer]), "reused": len(ids) - len(need[layer])})
     skipped = [{"id": i, "name": src.name(first[i]), "reason": r} for i, r in bad.items() if i in first]
     return res, Summary(res.backbone.name, res.weights.label, res.size, len(ids), computed,
-                        time.perf_counter() - t0, report, res.notices, skipped, used, res.precision)
+                        time.perf_counter() - t0, report, list(res.notices), skipped, used, res.precision.name)
 
 
-def check_upgrades(res: Resolved, sources, store: FeatureStore, run: RunSettings) -> None:
-    """Sets of `res` made with other library versions than the running ones (adopted by `resolve`):
-    checked once on a sample of these images (featurecache/upgrades.py); a stale one that the user
-    (--recompute-stale) or its small size lets go is dropped from `res`, so it is computed afresh."""
+def check_upgrades(res: Resolved, sources, store: FeatureStore, run: RunSettings) -> Resolved:
+    """`res`, once its sets made with other library versions than the running ones (adopted by `resolve`)
+    are checked on a sample of these images (featurecache/upgrades.py); a stale one that the user
+    (--recompute-stale) or its small size lets go is dropped (a new value), so it is computed afresh."""
     from . import upgrades
 
     src = first = None
@@ -172,19 +169,17 @@ def check_upgrades(res: Resolved, sources, store: FeatureStore, run: RunSettings
             continue
         if src is None:
             src = Sources(sources)
-            first = {}
-            for pos, i in enumerate(src.ids):
-                first.setdefault(i, pos)
+            first = first_positions(src.ids)
 
         def encode(ids, layer=layer):
-            engine = "tensorflow" if res.precision == "float32" else run.engine  # the reference, as verify
-            enc = encoderlib.Encoder(res, store.cache_dir, engine, "skip", [layer], log=run.say,
+            enc = encoderlib.Encoder(res, store.cache_dir, res.precision.reference_engine, "skip", [layer], log=run.say,
                                      calibration=lambda: calibration_items(res, src)).load()
             out = enc.encode([src.item(first[i]) for i in ids], [src.name(first[i]) for i in ids], ids)
             return {i: out.vectors[layer][k] for k, i in enumerate(out.keys)}
 
         if upgrades.check(fs, set(first), encode, run.say, run.recompute_stale):
-            upgrades.drop(res, layer)
+            res = upgrades.drop(res, layer)
+    return res
 
 
 def _known_bad(sets, need) -> dict[str, str]:
@@ -304,11 +299,11 @@ def _compute(res: Resolved, p: Pending, store: FeatureStore, run: RunSettings):
 def _batches(enc, src: Sources, positions: list[int], run: RunSettings):
     """`Encoded` batches of the images at `positions`, from the run's executor: this process (the
     encoder's own stream, decoding ahead) or a Ray cluster (featurecache/cluster.py). An executor
-    is a function of (encoder, sources, positions, batch size, settings, log) yielding `Encoded`."""
+    is a function of (encoder, sources, positions, RunSettings) yielding `Encoded`."""
     if run.executor == "ray":
-        from .cluster import ClusterSettings, encode_batches
+        from .cluster import encode_batches
 
-        return encode_batches(enc, src, positions, run.batch_size, run.cluster or ClusterSettings(), run.say)
+        return encode_batches(enc, src, positions, run)
     chunks = (positions[k:k + run.batch_size] for k in range(0, len(positions), run.batch_size))
     return enc.stream(([src.item(q) for q in c], [src.name(q) for q in c], [src.ids[q] for q in c]) for c in chunks)
 
@@ -348,10 +343,11 @@ def calibration_items(res: Resolved, src: Sources) -> list:
     """The int8 calibration sample (`calibrated` names it) as encoder items, from the training images."""
     train = src.sources[0]
     chosen, sample = calibration_sample(train.ids)
-    if sample != res.calibration:  # e.g. `predict` on new files: the training images are not at hand
-        raise FeatureCacheError(f"--precision int8: the graph calibrated on sample {res.calibration} is not in the "
+    if sample != res.precision.calibration:  # e.g. `predict` on new files: the training images are not at hand
+        raise FeatureCacheError(f"--precision int8: the graph calibrated on sample {res.precision.calibration} is not "
+                                "in the "
                                 "cache; run `featurecache extract --precision int8` on the training data again")
-    where = {i: j for j, i in enumerate(train.ids)}
+    where = first_positions(train.ids)
     return [source_item(train, where[i]) for i in chosen]
 
 

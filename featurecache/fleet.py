@@ -13,15 +13,14 @@ the ones served. `/embed` uses a run's set, or `?set=ID`, one of the served sets
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FeatureCacheError
 from .predict import label_rows
-from .runs import runs_dir
-from .service import ServeOptions, Service, _log
+from .runs import load, runs_dir
+from .service import ServeOptions, Service, log as server_log
 from .store import FeatureStore
 
 
@@ -34,9 +33,9 @@ def all_run_ids(cache_dir: Path) -> list[str]:
     found = []
     for path in runs_dir(cache_dir).glob("*/run.json"):
         try:
-            created = json.loads(path.read_text()).get("created", "")
-        except (OSError, ValueError):
-            created = ""  # load_record names the damage when the run is loaded
+            created = load(cache_dir, path.parent.name).created
+        except (OSError, FeatureCacheError):
+            created = ""  # `load` names the damage again when the run is served
         found.append((created, path.parent.name))
     if not found:
         raise FeatureCacheError(f"--all-runs: no runs in {runs_dir(cache_dir)}; fit one with `featurecache fit`")
@@ -46,7 +45,7 @@ def all_run_ids(cache_dir: Path) -> list[str]:
 class Fleet:
     """The served runs (ordered; the first is the default) and their feature sets."""
 
-    def __init__(self, opts: ServeOptions, run_ids: list[str], skip_broken: bool = False, log=_log):
+    def __init__(self, opts: ServeOptions, run_ids: list[str], skip_broken: bool = False, log=server_log):
         self.opts = opts
         self.runs: dict[str, Service] = {}
         self.sets: dict[str, Service] = {}  # set id -> the service whose encoder that set's runs share
@@ -104,7 +103,7 @@ class Fleet:
                     heads.setdefault(svc.opts.run_id, []).append(k)
             for run_id, ks in heads.items():
                 svc, tops = self.runs[run_id], [items[k][3] for k in ks]
-                rows = label_rows([items[k][1] for k in ks], svc.pipeline, vectors[ks], svc.record["class_names"],
+                rows = label_rows([items[k][1] for k in ks], svc.pipeline, vectors[ks], list(svc.run.class_names),
                                   max(tops))
                 for k, row, top in zip(ks, rows, tops):
                     row["top"] = row["top"][:top]
@@ -115,8 +114,8 @@ class Fleet:
 
     # ---- listings ----------------------------------------------------------------------------------
     def run_list(self) -> list[dict]:
-        return [{"run": r, "default": r == self.default, "features": svc.record["features"],
-                 "head": svc.record["head"], "test_accuracy": svc.record["metrics"]["test_accuracy"],
+        return [{"run": r, "default": r == self.default, "method": svc.run.describe(), "features": svc.run.features,
+                 "head": svc.run.head, "test_accuracy": svc.run.metrics["test_accuracy"],
                  "set": svc.stored.set_id} for r, svc in self.runs.items()]
 
     def stored_sets(self) -> list[dict]:
@@ -135,6 +134,6 @@ class Fleet:
         for set_id, svc in self.sets.items():  # rows composed at fit time (several taps, a pooling view)
             if set_id not in listed:
                 out.append({"set": set_id, "served": True, "runs": self.runs_on(set_id),
-                            "dims": svc.record.get("dims"), "images": len(svc.stored), "key": None,
-                            "composed_of": [b.set_id for b in getattr(svc, "blocks", ())]})
+                            "dims": svc.run.dims, "images": len(svc.stored), "key": None,
+                            "composed_of": [b.set_id for b in svc.run.blocks]})
         return out

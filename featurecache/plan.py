@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,12 @@ import numpy as np
 from .encoder import Encoder, measure_rate
 from .engines import choose
 from .extract import Pending, calibration_items, pending
-from .settings import INT8_RECIPE, FeatureSpec, Resolved, RunSettings, calibrated, calibration_sample, resolve
+from .settings import (INT8_RECIPE, PRECISIONS, FeatureSpec, Resolved, RunSettings, calibrated, calibration_sample,
+                       resolve)
 from .store import ID_DTYPE, FeatureStore
 from .taps import catalogue, check_layers
 
 ID_BYTES = np.dtype(ID_DTYPE).itemsize
-
-
-def plan(ds, spec: FeatureSpec, cache_dir: Path, engine: str = "auto", batch_size: int = 64,
-         probe: int = 128, log=None, on_error: str = "fail", executor: str = "local", cluster=None) -> dict:
-    """`run_plan` with the run settings given one by one."""
-    return run_plan(ds, spec, RunSettings(cache_dir, engine, batch_size, False, on_error, log, executor, cluster),
-                    probe)
 
 
 def run_plan(ds, spec: FeatureSpec, run: RunSettings, probe: int = 128) -> dict:
@@ -47,7 +42,7 @@ def run_plan(ds, spec: FeatureSpec, run: RunSettings, probe: int = 128) -> dict:
         layers.append({"layer": tap.name, "set": res.set_ids[tap.name], "dims": tap.dims(res.pool),
                        "stored": stored, "to_compute": need, "bytes_to_add": need * row,
                        "bytes_after": (stored + need) * row})
-    out = {"model": res.backbone.name, "weights": res.weights.label, "size": res.size, "precision": res.precision,
+    out = {"model": res.backbone.name, "weights": res.weights.label, "size": res.size, "precision": res.precision.name,
            "images": len(p.ids), "to_compute": len(p.todo), "layers": layers,
            "bytes_to_add": sum(r["bytes_to_add"] for r in layers),
            "bytes_after": sum(r["bytes_after"] for r in layers), "engine": None, "setup_seconds": 0.0,
@@ -77,12 +72,12 @@ def _precisions(res: Resolved, ds, run: RunSettings) -> list[dict]:
 
     ov, nncf = installed("openvino"), importlib.util.find_spec("nncf") is not None
     # an int8 plan already named its sample (`calibrated`); otherwise name the one int8 would use
-    calibration = res.calibration or (calibration_sample(ds.train.images.ids)[1] if len(ds.train.images) else "")
+    calibration = res.precision.calibration or (calibration_sample(ds.train.images.ids)[1] if len(ds.train.images) else "")
     rates = _rates(res, run, calibration) if ov else {}
     accuracy = _run_pairs(res, run.cache_dir)
     out = []
-    for name in ("float32", "bf16", "int8"):
-        if name == res.precision:
+    for name in PRECISIONS:
+        if name == res.precision.name:
             continue
         row = {"precision": name}
         if name == "bf16":
@@ -110,7 +105,7 @@ def _rates(res: Resolved, run: RunSettings, calibration: str) -> dict[str, float
     """Images/s on OpenVINO per precision whose graph for these taps is already in the cache (no network
     build or calibration is paid for a plan; at most the cached ONNX graph's one-time conversion to OpenVINO
     IR); a precision without one is left out."""
-    from .engines import choice, images_per_second, make_forward
+    from .engines import choice
     from .engines.graphs import Graph, int8_graph
     from .settings import Precision
 
@@ -123,33 +118,49 @@ def _rates(res: Resolved, run: RunSettings, calibration: str) -> dict[str, float
         if not ok:
             continue
         try:
-            precision = Precision(name, calibration if name == "int8" else "")
-            fwd = make_forward("openvino", None, graph, run.cache_dir, precision)
-            rates[name] = images_per_second(fwd, res.size)
+            enc = Encoder(_at_precision(res, Precision(name, calibration if name == "int8" else "")), run.cache_dir,
+                          "openvino", "fail", res.layers).load()
+            rates[name] = _pixel_rate(enc)
         except Exception as e:  # evidence, not the plan: a graph that will not run is left out, said why
             run.say(f"notice: could not time {name} for the plan ({str(e).splitlines()[0][:160]})")
     return rates
+
+
+def _at_precision(res: Resolved, precision) -> Resolved:
+    """`res` at another precision (settings.Precision): the same network and taps, other sets."""
+    other = replace(res, precision=precision,
+                    spec=replace(res.spec, precision=precision.name, calibration=precision.calibration))
+    return other.with_sets({layer: other.key(layer) for layer in other.layers})
+
+
+def _pixel_rate(enc: Encoder, images: int = 32) -> float:
+    """Images/s of `enc` on seeded random pixels (values do not change a forward pass's speed), after one
+    warm-up pass that builds the engine's kernels; nothing decoded, so only the network and pooling count."""
+    pixels = np.random.default_rng(0).integers(0, 256, (images, enc.size, enc.size, 3), dtype=np.uint8)
+    return measure_rate(lambda chunk: enc.encode_pixels(pixels[chunk]), list(range(images)), images, images,
+                        time.perf_counter())[1]
 
 
 def _run_pairs(res: Resolved, cache_dir: Path) -> dict[str, list[dict]]:
     """Runs in this cache on these taps that differ only in precision: test accuracy at each, per precision."""
     import json
 
-    from .runs import runs_dir
+    from .errors import FeatureCacheError
+    from .runs import load, runs_dir
 
-    groups: dict[str, dict[str, dict]] = {}
+    groups: dict[str, dict] = {}
     for path in sorted(runs_dir(cache_dir).glob("*/run.json")):
         try:
-            r = json.loads(path.read_text())
-            key, spec = r["feature_key"], r["spec"]
+            r = load(cache_dir, path.parent.name)
+            key = r.feature_key
             same = (key["model"], key["weights"], key["size"], key["resize"], key["preprocess"]) == \
                 (res.backbone.name, res.weights.id, res.size, res.resize, res.preprocess_mode)
-            if not same or not set(r.get("layers") or [r["layer"]]) <= set(res.layers):
+            if not same or not set(r.layers) <= set(res.layers):
                 continue
-            group = json.dumps([r["data_options"], r["features"], r["head"], r["head_params"], r["normalize"],
-                                r["pca"], r.get("augment"), r.get("tta")], sort_keys=True, default=str)
-            groups.setdefault(group, {})[spec["precision"]] = r  # sorted by id, so the newest run wins
-        except (OSError, ValueError, KeyError, TypeError):
+            group = json.dumps([r.data_options, r.features, r.head, r.head_params, r.normalize, r.pca,
+                                list(r.augment), r.tta], sort_keys=True, default=str)
+            groups.setdefault(group, {})[r.precision] = r  # sorted by id, so the newest run wins
+        except (OSError, FeatureCacheError, KeyError, TypeError, ValueError):
             continue
     out: dict[str, list[dict]] = {}
     for runs in groups.values():
@@ -159,11 +170,11 @@ def _run_pairs(res: Resolved, cache_dir: Path) -> dict[str, list[dict]]:
         for name, r in runs.items():
             if name == "float32":
                 continue
-            a, b = base["metrics"]["test_accuracy"], r["metrics"]["test_accuracy"]
+            a, b = base.metrics["test_accuracy"], r.metrics["test_accuracy"]
             out.setdefault(name, []).append({
-                "features": r["features"], "head": r["head"], "data": r["data_options"]["data"],
-                "test_images": r.get("n_test"), "float32": a, name: b, "delta_points": round(100 * (b - a), 2),
-                "runs": [base["run_id"], r["run_id"]]})
+                "features": r.features, "head": r.head, "data": r.data_options["data"],
+                "test_images": r.n_test, "float32": a, name: b, "delta_points": round(100 * (b - a), 2),
+                "runs": [base.id, r.id]})
     return out
 
 
@@ -172,12 +183,12 @@ def _warm_up(res: Resolved, p: Pending, names: list[str], run: RunSettings, prob
     Unreadable images stop the plan (on_error="fail") or are left out and listed ("skip"), as in extract."""
     t0 = time.perf_counter()
     enc = Encoder(res, run.cache_dir, run.engine, run.on_error, names,
-                  calibration=lambda: calibration_items(res, p.src), log=run.log, measure=True).load()
+                  calibration=lambda: calibration_items(res, p.src), log=run.say, measure=True).load()
     positions = [p.first[i] for i in p.todo]
     if run.executor == "ray":  # one actor on the cluster measured, scaled by the actors its CPUs hold
-        from .cluster import ClusterSettings, estimate
+        from .cluster import estimate
 
-        return estimate(enc, p.src, positions, run.batch_size, run.cluster or ClusterSettings(), probe, run.log)
+        return estimate(enc, p.src, positions, run, probe)
     batch = min(run.batch_size, len(positions))
     skipped = {}
 

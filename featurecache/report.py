@@ -1,4 +1,6 @@
-"""The results ledger as a comparison table (method, library, seconds, train acc, test acc, notes)."""
+"""The results ledger as a comparison table (method, library, seconds, train acc, test acc, notes).
+
+The method column is each run's own `Run.describe()`: every setting that makes two runs differ."""
 
 from __future__ import annotations
 
@@ -7,19 +9,20 @@ import io
 from pathlib import Path
 
 from .errors import FeatureCacheError
+from .runs import Run
 
 COLUMNS = ("run_id", "method", "library", "dims", "seconds", "train_acc", "test_acc", "notes")
 FORMATS = ("table", "markdown", "csv")
 
 
-def _row(r: dict) -> dict:
-    return {"run_id": r["run_id"], "method": f"{r['features']} + {r['head']}", "library": r.get("library", ""),
-            "dims": r.get("dims", ""), "seconds": f"{r['fit_seconds']:.2f}",
-            "train_acc": f"{r['train_accuracy']:.4f}", "test_acc": f"{r['test_accuracy']:.4f}",
-            "notes": r.get("notes") or ""}
+def _row(r: Run) -> dict:
+    m = r.metrics
+    return {"run_id": r.id, "method": r.describe(), "library": r.library, "dims": r.dims or "",
+            "seconds": f"{r.fit_seconds:.2f}", "train_acc": f"{m.get('train_accuracy', float('nan')):.4f}",
+            "test_acc": f"{m.get('test_accuracy', float('nan')):.4f}", "notes": r.notes}
 
 
-def render(records: list[dict], fmt: str = "table") -> str:
+def render(records: list[Run], fmt: str = "table") -> str:
     if fmt not in FORMATS:
         raise FeatureCacheError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     rows = [_row(r) for r in records]
@@ -37,8 +40,9 @@ def render(records: list[dict], fmt: str = "table") -> str:
     return "\n".join(lines + ["  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS) for r in rows])
 
 
-def plot_runs(records: list[dict], path: Path) -> Path:
+def plot_runs(records: list[Run], path: Path) -> Path:
     from .plots import scatter_png
 
-    points = [(r["fit_seconds"], r["test_accuracy"], f"{r['head']} {r['features']}") for r in records]
+    points = [(r.fit_seconds, r.metrics.get("test_accuracy", float("nan")), f"{r.head} {r.features}")
+              for r in records]
     return scatter_png(points, Path(path), "fit seconds (log)", "test accuracy", "Runs: test accuracy vs fit time")

@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .auth import TokenAuth
 from .errors import FeatureCacheError
 from .fleet import Fleet, NotServed, all_run_ids
-from .service import Prepared, ServeOptions, Service, StoredVectors, _log  # noqa: F401  (the HTTP-free part)
+from .service import Prepared, ServeOptions, Service, StoredVectors, log  # noqa: F401  (the HTTP-free part)
 
 MAX_IMAGES = 256  # per request; bounds the work one request can queue
 HOW = "send multipart/form-data with one field `files` per image, or JSON {\"images\": [{\"name\": ..., " \
@@ -272,9 +272,9 @@ def create_app(fleet: Fleet, token: str | None = None) -> FastAPI:
 
     first = fleet.run(None)
     app = FastAPI(title="featurecache", version="0.1.0", lifespan=lifespan,
-                  description=f"Predictions of run {first.opts.run_id}: {first.record['features']} "
-                              f"+ {first.record['head']}" + (f", and {len(fleet.runs) - 1} more runs (`GET /runs`)."
-                                                             if len(fleet.runs) > 1 else "."))
+                  description=f"Predictions of run {first.opts.run_id}: {first.run.describe()}"
+                              + (f", and {len(fleet.runs) - 1} more runs (`GET /runs`)." if len(fleet.runs) > 1
+                                 else "."))
     app.add_middleware(BodyLimit, max_body=opts.max_body)
     if token is not None:
         app.add_middleware(TokenAuth, token=token)  # added last, so it runs first: before any body is read
@@ -356,7 +356,7 @@ def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers
     runs = all_run_ids(Path(opts.cache_dir)) if all_runs else list(runs or [opts.run_id])
     opts = dataclasses.replace(opts, run_id=runs[0])
     what = f"run {runs[0]}" if len(runs) == 1 else f"{len(runs)} runs ({runs[0]} by default)"
-    _log(f"loading {what}, then serving on http://{host}:{port} (the page at /, OpenAPI at /docs"
+    log(f"loading {what}, then serving on http://{host}:{port} (the page at /, OpenAPI at /docs"
          f"{', token required' if token else ''}); Ctrl-C stops")
     if workers == 1:
         uvicorn.run(create_app(Fleet(opts, runs, skip_broken=all_runs), token), host=host, port=port,

@@ -22,8 +22,8 @@ import numpy as np
 
 from . import images as imagelib
 from .errors import FeatureCacheError
-from .compose import rows
-from .predict import label_rows, run_blocks, stored_specs
+from .predict import label_rows
+from .runs import Run, load_head
 from .store import EMPTY_READER, FeatureStore
 
 REFRESH_S = 2.0
@@ -47,7 +47,8 @@ class ServeOptions:
             raise FeatureCacheError(f"--max-wait-ms {self.max_wait_ms}: must not be negative")
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """Where the server's own lines go (stderr, flushed: a supervisor's log shows them as they come)."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -80,7 +81,7 @@ class StoredVectors:
             if self._listing() != self._reader.names:
                 self._reader = self._read()  # old handles close when the last reader drops them
         except (FeatureCacheError, OSError) as e:
-            _log(f"warning: feature set {self.set_id} not re-read ({e}); serving the previous index")
+            log(f"warning: feature set {self.set_id} not re-read ({e}); serving the previous index")
         finally:
             self._lock.release()
 
@@ -99,28 +100,36 @@ class ComposedVectors:
     """The stored rows of a run fitted on several taps or on a fit-time pooling (featurecache/compose.py):
     an image is a hit when every tap's set holds it, and its row is composed as the fit composed it."""
 
-    def __init__(self, store: FeatureStore, blocks):
-        self.blocks = blocks
-        self.parts = {b.layer: StoredVectors(store, b.set_id) for b in blocks}
-        self.set_id = composed_id(blocks)
+    def __init__(self, store: FeatureStore, run: Run):
+        self.run = run
+        self.parts = {b.layer: StoredVectors(store, b.set_id) for b in run.blocks}
+        self.set_id = composed_id(run.blocks)
 
     def __len__(self) -> int:
         return min(len(p) for p in self.parts.values())
 
     def lookup(self, ids: list[str]) -> dict[int, np.ndarray]:
-        from .compose import rows
-
         found = {layer: p.lookup(ids) for layer, p in self.parts.items()}
         hits = sorted(set.intersection(*(set(f) for f in found.values())))
         if not hits:
             return {}
-        composed = rows(self.blocks, {layer: np.stack([f[k] for k in hits]) for layer, f in found.items()})
+        composed = self.run.compose({layer: np.stack([f[k] for k in hits]) for layer, f in found.items()})
         return dict(zip(hits, composed))
 
 
 @dataclass
+class Looked:
+    """One request's images: content-hash ids, the run's stored rows of those the cache holds, decoded
+    pixels of the others (which `Service.compute` turns into rows, batched with other requests')."""
+    names: list[str]
+    ids: list[str]
+    stored: dict[int, np.ndarray]
+    pixels: dict[int, np.ndarray]
+
+
+@dataclass
 class Prepared:
-    """One request's images: ids, rows of those the cache holds, decoded pixels of the others."""
+    """One request's images: ids, labelled rows of those the cache holds, decoded pixels of the others."""
     names: list[str]
     ids: list[str]
     rows: dict[int, dict]
@@ -135,59 +144,64 @@ class Service:
         stored vectors (runs that differ only in their heads build the network and read the set once)."""
         from .encoder import Encoder
         from .engines import choose
-        from .runs import load_head
         from .settings import resolve
 
         opts.check()
         self.opts = opts
         cache = Path(opts.cache_dir)
-        self.record, self.pipeline = load_head(cache, opts.run_id)
-        if self.record.get("tta"):
+        self.run, self.pipeline = load_head(cache, opts.run_id)
+        if self.run.tta:
             raise FeatureCacheError(f"run {opts.run_id} averages test-time views (--tta), which serve does not "
                                     "compute; serve a run fitted without --tta (its --augment rows are fine)")
-        self.blocks = run_blocks(self.record)
-        specs = stored_specs(self.record)
+        blocks = self.run.blocks
+        specs = self.run.stored_specs()
         if len(specs) > 1:
             raise FeatureCacheError(f"run {opts.run_id}: its taps are stored with different poolings "
                                     f"({', '.join(specs)}); serve takes runs whose taps share one stored pooling")
-        self.layers = [b.layer for b in self.blocks]
+        self.layers = self.run.layers
         self.layer = self.layers[0]
         self.res = resolve(next(iter(specs.values())), None, cache)
-        plain = len(self.blocks) == 1 and self.blocks[0].stored == self.blocks[0].pool
-        sid = self.res.set_ids[self.layer] if plain else composed_id(self.blocks)
+        plain = len(blocks) == 1 and blocks[0].stored == blocks[0].pool
+        sid = self.res.set_ids[self.layer] if plain else composed_id(blocks)
         same = [s for s in share if s.stored.set_id == sid]
         if same:
             self.encoder, self.engine, self.stored = same[0].encoder, same[0].engine, same[0].stored
-            _log(f"run {opts.run_id}: {self.record['head']} head on the encoder and feature set {self.stored.set_id} "
-                 f"of run {same[0].opts.run_id} (loaded once)")
+            log(f"run {opts.run_id}: {self.run.head} head on the encoder and feature set {self.stored.set_id} "
+                f"of run {same[0].opts.run_id} (loaded once)")
             return
-        choose(opts.engine, self.res.precision)  # a bad --engine fails before the model is built
+        choose(opts.engine, self.res.precision.name)  # a bad --engine fails before the model is built
         t0 = time.perf_counter()
         self.encoder = Encoder(self.res, cache, opts.engine, "fail", self.layers, max_pixels=opts.max_pixels,
-                               log=_log)
+                               log=log)
         self.engine = self.encoder.engine  # builds the network
         blank = np.zeros((opts.max_batch, self.res.size, self.res.size, 3), np.uint8)
         self.compute(blank[:1])  # two batch sizes: tf.function then settles on one trace for any size
         self.compute(blank)
         self.stored = (StoredVectors(FeatureStore(cache), sid) if plain
-                       else ComposedVectors(FeatureStore(cache), self.blocks))
-        _log(f"run {opts.run_id}: {self.record['features']} + {self.record['head']} loaded on {self.engine} and "
-             f"warmed up in "
-             f"{time.perf_counter() - t0:.1f} s; {len(self.stored)} images in feature set {self.stored.set_id}")
+                       else ComposedVectors(FeatureStore(cache), self.run))
+        log(f"run {opts.run_id}: {self.run.describe()} loaded on {self.engine} and warmed up in "
+            f"{time.perf_counter() - t0:.1f} s; {len(self.stored)} images in feature set {self.stored.set_id}")
 
     def compute(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, size, size, 3) -> (N, D) vectors, exactly as extraction makes them (same encoder)."""
-        return rows(self.blocks, self.encoder.encode_pixels(pixels))
+        """uint8 (N, size, size, 3) -> (N, D) rows, exactly as extraction makes them (same encoder, the
+        run's blocks)."""
+        return self.run.compose(self.encoder.encode_pixels(pixels))
 
-    def prepare(self, named: list[tuple[str, bytes]], top: int) -> Prepared:
-        """Hash every image and label those in the cache; decode the others (a bad one fails the request)."""
-        names = [n for n, _ in named]
+    def look_up(self, named: list[tuple[str, bytes]]) -> Looked:
+        """The run's rows of a request's images where the cache holds them (by content hash, as the cache
+        ids images); the others decoded for `compute` (a bad one fails the request). /predict and /embed
+        both start here."""
         ids = [imagelib.content_hash(data) for _, data in named]
         stored = self.stored.lookup(ids)
-        hits = sorted(stored)
-        rows = dict(zip(hits, self._label([names[k] for k in hits], [stored[k] for k in hits], top)))
         pixels = {k: self.decode(name, data) for k, (name, data) in enumerate(named) if k not in stored}
-        return Prepared(names, ids, rows, pixels)
+        return Looked([n for n, _ in named], ids, stored, pixels)
+
+    def prepare(self, named: list[tuple[str, bytes]], top: int) -> Prepared:
+        """`look_up`, with the stored rows labelled."""
+        found = self.look_up(named)
+        hits = sorted(found.stored)
+        rows = dict(zip(hits, self._label([found.names[k] for k in hits], [found.stored[k] for k in hits], top)))
+        return Prepared(found.names, found.ids, rows, found.pixels)
 
     def decode(self, name: str, data: bytes) -> np.ndarray:
         return self.encoder.decode(data, name)  # the pixel limit (opts.max_pixels) applies before decoding
@@ -203,22 +217,23 @@ class Service:
     def _label(self, names: list[str], vectors, top: int) -> list[dict]:
         if not names:
             return []
-        return label_rows(names, self.pipeline, np.asarray(vectors), self.record["class_names"], top)
+        return label_rows(names, self.pipeline, np.asarray(vectors), list(self.run.class_names), top)
 
     def info(self) -> dict:
-        r, res = self.record, self.res
-        info = {"run": r["run_id"], "backbone": res.backbone.name, "weights": res.weights.label, "engine": self.engine,
-                "precision": res.precision,
+        r, res = self.run, self.res
+        info = {"run": r.id, "method": r.describe(), "backbone": res.backbone.name, "weights": res.weights.label,
+                "engine": self.engine, "precision": res.precision.name,
                 "layer": self.layer, "pooling": res.pool, "size": res.size, "resize": res.resize,
-                "preprocess": res.preprocess_mode, "head": r["head"], "head_options": r.get("head_options", {}),
-                "normalize": r.get("normalize"), "pca": r.get("pca"), "class_names": r["class_names"],
+                "preprocess": res.preprocess_mode, "head": r.head, "head_options": r.head_options,
+                "normalize": r.normalize, "pca": r.pca, "augment": list(r.augment), "n_train": r.n_train,
+                "class_names": list(r.class_names),
                 "feature_set": {"id": self.stored.set_id, "key": res.keys[self.layer],
                                 "stored_images": len(self.stored)},
-                "metrics": r["metrics"], "data": r.get("data"), "created": r.get("created"),
+                "metrics": r.metrics, "data": r.data, "created": r.created,
                 "limits": {k: v for k, v in dataclasses.asdict(self.opts).items() if k.startswith("max_")},
                 "encoder": {"engine": self.engine, "forward_passes": self.encoder.passes,
                             "images_encoded": self.encoder.encoded}}
-        if self.stored.set_id != r.get("feature_set"):
-            info["notice"] = (f"the run was fitted on feature set {r.get('feature_set')}; these library versions "
+        if self.stored.set_id != r.feature_set:
+            info["notice"] = (f"the run was fitted on feature set {r.feature_set}; these library versions "
                               f"key it as {self.stored.set_id}, so its training images are not cache hits")
         return info

@@ -17,6 +17,7 @@ both (the chaos test uses tiny parts).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -70,14 +71,37 @@ def _fsync_dir(path: Path) -> None:
 
 
 USED_MARKER = ".last_used"  # touched on each use of a feature set or converted graph; `cache prune` reads it
+# What a cache that may not be written answers: a read-only mount (a shared cache), or no write permission.
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def touch_used(folder: Path) -> None:
-    """Record a use of a cache folder (best effort: a read-only cache still works)."""
+    """Record a use of a cache folder (best effort: a read-only cache still works, without the record)."""
+    if not os.access(folder, os.W_OK):
+        return
     try:
         (Path(folder) / USED_MARKER).touch()
     except OSError:
         pass
+
+
+def not_writable(path: Path, doing: str, error: OSError | None = None) -> FeatureCacheError:
+    """The one line a refused write of the cache ends in: where, what could not be done, what to do."""
+    why = os.strerror(error.errno) if error is not None and error.errno else "read-only"
+    return FeatureCacheError(f"{path}: not writable ({why.lower()}), so cannot {doing}; use a writable cache "
+                             "(--cache-dir or FEATURECACHE_DIR) or ask for write access to it (reading what is "
+                             "stored there needs none)")
+
+
+@contextmanager
+def writing(path: Path, doing: str):
+    """Turn a refused write under `path` (read-only mount, no permission) into `not_writable`'s one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DENIED:
+            raise not_writable(path, doing, e) from None
+        raise
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -88,6 +112,13 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def relative_difference(got, reference) -> float:
+    """The largest difference of `got` from `reference`, relative to reference's largest value: how a
+    recomputed vector is held to its stored one (cache verify, upgrades) and one chain to another."""
+    reference = np.asarray(reference)
+    return float(np.abs(np.asarray(got) - reference).max() / max(float(np.abs(reference).max()), 1e-12))
 
 
 @dataclass
@@ -207,6 +238,26 @@ class FeatureSet:
         with self.open_part(path) as f:
             return f["features"][r]
 
+    def sample_rows(self, wanted: set[str], k: int, seed: int = 0, skip=()) -> list[tuple[Path, int, str]]:
+        """[(part, row, id)]: up to `k` stored rows of images in `wanted`, a seeded choice taken round-robin over
+        the parts (those in `skip` left out) in a seeded order, so a sample of any size spreads over the parts
+        (a damaged or stale part shows) and the last round favours no part. What `cache verify --data` and the
+        first use under new library versions (upgrades.py) recompute."""
+        rng = np.random.default_rng(seed)
+        per_part = []
+        for path in self.part_files():
+            if path in skip:
+                continue
+            rows = [(path, r, i) for r, i in enumerate(self.part_ids(path)) if i in wanted]
+            if rows:
+                per_part.append([rows[j] for j in rng.permutation(len(rows))])
+        order = rng.permutation(len(per_part)) if per_part else []
+        picks, depth = [], 0
+        while len(picks) < k and any(depth < len(p) for p in per_part):
+            picks += [per_part[j][depth] for j in order if depth < len(per_part[j])][:k - len(picks)]
+            depth += 1
+        return picks
+
     def reader(self) -> SetReader:
         """Every part opened once, for many small row reads (a server's lookups); see SetReader."""
         touch_used(self.folder)
@@ -259,8 +310,9 @@ class FeatureSet:
         known = self.skipped() if reasons else {}
         new = {i: r for i, r in reasons.items() if i not in known}
         if new:
-            write_atomic(self.folder / f"skipped-{time.time_ns():020d}-{os.getpid()}.json",
-                         json.dumps(new, indent=0, sort_keys=True))
+            with writing(self.folder, f"remember {len(new)} unreadable image(s) of feature set {self.id}"):
+                write_atomic(self.folder / f"skipped-{time.time_ns():020d}-{os.getpid()}.json",
+                             json.dumps(new, indent=0, sort_keys=True))
 
     def append(self, ids: list[str], vectors: np.ndarray) -> None:
         """Make `ids` durable: write a part under a temporary name, fsync, rename into place."""
@@ -297,7 +349,8 @@ class FeatureSet:
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(self.folder / ".lock"))
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, \
+                writing(self.folder, f"store vectors in (or change) feature set {self.id}"):
             warnings.simplefilter("always")
             try:
                 lock.acquire(timeout=0)
@@ -342,9 +395,10 @@ class FeatureSet:
         """Take damaged parts out of the set (into damaged/, kept for inspection): their rows become
         missing, so the next extract recomputes exactly them. Call under `lock()`."""
         aside = self.folder / "damaged"
-        aside.mkdir(exist_ok=True)
-        for part in parts:
-            os.replace(part, aside / part.name)
+        with writing(self.folder, f"move damaged parts of feature set {self.id} aside"):
+            aside.mkdir(exist_ok=True)
+            for part in parts:
+                os.replace(part, aside / part.name)
         _fsync_dir(self.folder)
         self.refresh()
         return aside
@@ -389,9 +443,10 @@ class FeatureStore:
                 raise FeatureCacheError(f"{meta}: written by another configuration (key or dims differ); "
                                         f"remove it with `featurecache cache rm {set_id}`")
             return fs
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(meta, json.dumps({"id": set_id, "key": key, "dims": int(dims), **(extra or {}),
-                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        with writing(self.root, f"create feature set {set_id}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(meta, json.dumps({"id": set_id, "key": key, "dims": int(dims), **(extra or {}),
+                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
         return FeatureSet(folder)
 
     def get(self, set_id: str) -> FeatureSet | None:
@@ -405,6 +460,9 @@ class FeatureStore:
                 if not p.name.startswith(".") and (p / "meta.json").is_file()]
 
     def find(self, prefix: str) -> FeatureSet:
+        if not prefix.strip():  # "" is a prefix of every id: `cache rm ""` must not take the only set
+            raise FeatureCacheError(f"feature set id {prefix!r} is empty; give an id (or a unique prefix of one) "
+                                    "from `featurecache cache ls`")
         hits = [s for s in self.all() if s.id.startswith(prefix)]
         if len(hits) != 1:
             what = "no" if not hits else "more than one"
@@ -412,13 +470,25 @@ class FeatureStore:
                                     "see `featurecache cache ls`")
         return hits[0]
 
-    def remove(self, set_id: str) -> None:
-        """Delete a set, refusing while an extraction writes to it (it would fail half-way)."""
+    def remove(self, set_id: str) -> str:
+        """Delete a set, refusing while an extraction writes to it (it would fail half-way); what was done,
+        in words. A set that is a link to a folder elsewhere (shared, or the user's) loses the link only."""
         fs = self.find(set_id)
-        for leftover in self.root.glob(".removing-*"):
-            shutil.rmtree(leftover, ignore_errors=True)  # a `cache rm` killed half-way
-        with fs.lock(wait=False):
-            # Rename first: a reader then sees the whole set or nothing, never half of it.
-            doomed = fs.folder.with_name(f".removing-{fs.id}-{os.getpid()}")
-            os.replace(fs.folder, doomed)
-        shutil.rmtree(doomed)
+        if not os.access(self.root, os.W_OK):
+            raise not_writable(self.root, f"remove feature set {fs.id}")
+        with writing(self.root, f"remove feature set {fs.id}"):
+            for leftover in self.root.glob(".removing-*"):  # a `cache rm` killed half-way
+                if leftover.is_symlink():
+                    leftover.unlink()
+                else:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            with fs.lock(wait=False):
+                # Rename first: a reader then sees the whole set or nothing, never half of it.
+                doomed = fs.folder.with_name(f".removing-{fs.id}-{os.getpid()}")
+                link = os.readlink(fs.folder) if fs.folder.is_symlink() else None
+                os.replace(fs.folder, doomed)
+            if link is not None:
+                doomed.unlink()
+                return f"removed {fs.id} (a link; the folder it pointed to, {link}, is left in place)"
+            shutil.rmtree(doomed)
+        return f"removed {fs.id}"

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import compose
 from .errors import FeatureCacheError
 from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from .datasets import DataOptions
+    from .settings import HeadSpec, RunSettings
 
 MEMORY_SHARE = 0.75  # of this machine's memory, the default --max-memory
 CHUNK_SHARE = 8  # a chunk takes at most 1/8 of --max-memory (the chunk, its normalised copy, the head's work)
@@ -41,25 +46,27 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def fit_streamed(data, ds, composed: compose.Composed, plans: dict, head: str, options: dict, normalize: str,
-                 limit: int, tta: bool, cache_dir) -> tuple:
-    """Fit `head` with partial_fit over chunks of the stored rows (and of the augmented views' rows):
-    (pipeline, metrics, fit seconds, what the run records of the streaming)."""
+def fit_streamed(data: DataOptions, rows, run: RunSettings, head: HeadSpec) -> tuple:
+    """Fit `head` (a settings.HeadSpec, its normalisation concrete) with partial_fit over chunks of the
+    stored rows of `rows` (fit.Rows: the images' blocks and the augmented views'), read from the run's
+    cache: (pipeline, metrics, fit seconds, what the run records of the streaming)."""
     from . import heads
     from .runs import evaluate
 
+    ds, composed, options = rows.ds, rows.composed, head.option_values
+    normalize, tta, limit = head.normalize, head.tta, head.max_memory or memory_limit()
     blocks = composed.blocks
     dims = sum(b.dims for b in blocks)
     if normalize == "standard":
         raise FeatureCacheError("--normalize standard needs the whole matrix; a streamed fit takes l2, l2-per-tap "
                                 "or none")
     chunk = max(256, limit // CHUNK_SHARE // (4 * dims))
-    pipeline = heads.make_pipeline(head, heads.with_seed(head, options, data.seed), normalize, None,
+    pipeline = heads.make_pipeline(head.head, heads.with_seed(head.head, options, data.seed), normalize, None,
                                    tuple(b.dims for b in blocks))
     norm, model = pipeline.named_steps["normalize"], pipeline.named_steps["head"]
-    store = FeatureStore(cache_dir)
+    store = FeatureStore(run.cache_dir)
     train_ids, labels = ds.train.images.ids, np.asarray(ds.train.labels)
-    sources = [blocks, *(b for _, b in plans.values())]
+    sources = [blocks, *(v.blocks for v in rows.views.values())]
     classes = np.arange(len(ds.class_names))
     epochs = int(options.get("max_iter") or EPOCHS)
     rng = np.random.default_rng(data.seed)
@@ -76,7 +83,7 @@ def fit_streamed(data, ds, composed: compose.Composed, plans: dict, head: str, o
     fit_seconds = time.perf_counter() - t0
     sample = np.sort(rng.choice(len(train_ids), min(TRAIN_SAMPLE, len(train_ids)), replace=False))
     test_ids = ds.test.images.ids
-    views = [blocks, *(b for _, b in plans.values())] if tta else [blocks]
+    views = sources if tta else [blocks]
 
     def predict(ids, sources):  # chunk by chunk, so scoring stays inside the bound too
         return np.concatenate([heads.averaged(pipeline, [compose.read(store, v, ids[lo:lo + chunk])

@@ -2,7 +2,7 @@
 
 For each size, every tap the sweep names is extracted once (one forward pass per stored pooling);
 then each combination of taps (`block3_pool+block4_pool`) and pooling (stored, or a view of the stored
-map: featurecache/views.py) is gathered from the cache ONCE and every head is fitted on it. With
+map: featurecache/pooling.py) is gathered from the cache ONCE and every head is fitted on it. With
 dozens of configurations, picking the best by test accuracy would leak the test split into the
 choice: every configuration is scored on a validation split carved from the training rows (seeded,
 stratified), the best on validation is refitted on all training rows, and only that one is
@@ -12,21 +12,41 @@ evaluated on the test split, once, and saved as a run.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import compose, views
+from . import compose
+from .pooling import Pooling
 from .datasets import DataOptions
 from .backbones import get_backbone
 from .errors import FeatureCacheError
-from .fit import fit_head, normalization
+from .fit import fit
 from .sampling import train_test_indices
-from .settings import FeatureSpec, RunSettings
+from .settings import FeatureSpec, HeadSpec, RunSettings
 from .taps import Tap, catalogue
 
 VALIDATION = 0.2  # of the training rows: the split configurations are compared on
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """What a sweep compares: taps (`layers`: `all`, or L1,L2,... with `+` joining taps fitted together),
+    input sizes (None: the images' own), heads (empty: the HeadSpec's own), poolings (empty: the spec's),
+    and the fraction of the training rows held out to compare them on."""
+    layers: str = "all"
+    sizes: tuple[int | None, ...] = (None,)
+    heads: tuple[str, ...] = ()
+    pools: tuple[str, ...] = ()
+    validation: float = VALIDATION
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(self.sizes) or (None,))
+        object.__setattr__(self, "heads", tuple(self.heads))
+        object.__setattr__(self, "pools", tuple(Pooling.parse(p).name for p in self.pools))
+        if not 0 < self.validation < 1:
+            raise FeatureCacheError(f"--validation {self.validation}: give a fraction between 0 and 1")
 
 
 def stage_outputs(taps: list[Tap]) -> list[str]:
@@ -54,25 +74,26 @@ def tap_sets(layers: str, names_all) -> list[tuple[str, ...]]:
     return combos
 
 
-def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | None], heads: list[str],
-          run: RunSettings, normalize: str = "auto", pools: list[str] | None = None,
-          validation: float = VALIDATION, augment: tuple[str, ...] = (), tta: bool = False) -> dict:
-    """Rows (one per size x taps x pooling x head, scored on validation) and the chosen configuration,
-    refitted on all training rows and evaluated once on the test split. `augment`: views added as
-    training rows to every configuration (and, with `tta`, averaged over when scoring)."""
-    from . import augment as views_of
+def sweep(data: DataOptions, spec: FeatureSpec, run: RunSettings, head: HeadSpec,
+          space: SweepSpace = SweepSpace()) -> dict:
+    """Rows (one per size x taps x pooling x head of `space`, scored on validation) and the chosen
+    configuration, refitted on all training rows with the same run settings and evaluated once on the
+    test split. Every head is fitted as `head` with that head: its options, normalisation and pca, and
+    its `augment` views added as training rows (with `tta`, averaged over when scoring)."""
     from .api import extract_views
     from .extract import run_extract
 
+    if head.grid:
+        raise FeatureCacheError("sweep compares heads on a validation split; search a head's options with "
+                                "`featurecache fit --grid` on the configuration it recommends")
     backbone = get_backbone(spec.model)
-    pools = [views.check(p) for p in (pools or [spec.pool])]
-    augment = views_of.check(augment)
-    if tta and not augment:
-        raise FeatureCacheError("--tta averages over augmented views: give --augment too (e.g. --augment hflip)")
+    pools = list(space.pools or [Pooling.parse(spec.pool).name])
+    candidates = [replace(head, head=name) for name in space.heads or [head.head]]  # each checked here
+    augment, tta, validation, layers = head.augment, head.tta, space.validation, space.layers
     cache_dir, log = run.cache_dir, run.say
     ds = data.load()
     rows, skipped = [], []
-    for size in sizes:
+    for size in space.sizes:
         base = replace(spec, layers=(), size=size)
 
         def stages():
@@ -83,10 +104,10 @@ def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | N
         combos = tap_sets(layers, stages)
         taps = tuple(dict.fromkeys(t for c in combos for t in c))
         t0 = time.perf_counter()
-        for stored in dict.fromkeys(views.source_pool(p) for p in pools):  # one pass per stored pooling
+        for stored in dict.fromkeys(Pooling.parse(p).stored for p in pools):  # one pass per stored pooling
             run_extract([ds.train.images, ds.test.images], replace(base, layers=taps, pool=stored), run,
                         ds.native_size())
-            extract_views(ds, replace(base, layers=taps, pool=stored), augment, run, test_too=tta)
+            extract_views(ds, replace(base, layers=taps, pool=stored), run, augment, test_too=tta)
         extract_seconds = time.perf_counter() - t0
         for combo in combos:
             for pool in pools:
@@ -99,43 +120,41 @@ def sweep(data: DataOptions, spec: FeatureSpec, layers: str, sizes: list[int | N
                 extra = [compose.gather(ds, replace(base, layers=combo, pool=pool, view=v), run, splits=("train",))
                          .x_train for v in augment]
                 train, val = train_test_indices(ds.train.labels, data.seed, test_size=validation)
-                for head in heads:
+                for candidate in candidates:
                     rows.append(dict(_validate(composed.x_train, extra, composed.blocks, ds.train.labels, train, val,
-                                               head, normalize, data.seed, tta),
+                                               candidate, data.seed),
                                      layer="+".join(combo), pool=pool, size=composed.res.size,
                                      extract_seconds=round(extract_seconds, 1)))
                     r = rows[-1]
-                    log(f"  {r['layer']:<28} {r['pool']:<8} {r['size']:>4}px {head:<7} dims {r['dims']:>6}  "
+                    log(f"  {r['layer']:<28} {r['pool']:<8} {r['size']:>4}px {r['head']:<7} dims {r['dims']:>6}  "
                         f"validation {r['val_accuracy']:.4f}")
                 del composed, extra
     if not rows:
         raise FeatureCacheError("sweep: no configuration could be fitted: " + "; ".join(s["reason"] for s in skipped))
     best = max(rows, key=lambda r: r["val_accuracy"])
-    record = fit_head(data, replace(spec, layers=tuple(best["layer"].split("+")), pool=best["pool"],
-                                    size=best["size"]), best["head"], {}, normalize, None, [], cache_dir,
-                      progress=False, notes="sweep: chosen on validation", log=log, engine=run.engine,
-                      augment=augment, tta=tta)
+    record = fit(data, replace(spec, layers=tuple(best["layer"].split("+")), pool=best["pool"], size=best["size"]),
+                 replace(run, progress=False), replace(head, head=best["head"], notes="sweep: chosen on validation"))
     chosen = dict(best, run_id=record["run_id"], test_accuracy=record["metrics"]["test_accuracy"],
                   train_accuracy=record["metrics"]["train_accuracy"], fit_seconds_full=record["fit_seconds"])
     return {"rows": rows, "chosen": chosen, "skipped": skipped, "validation": {"fraction": validation, "n_fit": len(train),
                                                            "n_validation": len(val), "seed": data.seed}}
 
 
-def _validate(x, extra, blocks, labels, train, val, head: str, normalize: str, seed: int, tta: bool) -> dict:
+def _validate(x, extra, blocks, labels, train, val, head: HeadSpec, seed: int) -> dict:
     """Fit on the training rows less the validation split (plus their augmented views' rows), score on
-    the validation split (averaged over the views with `tta`)."""
+    the validation split (averaged over the views with `head.tta`)."""
     from . import heads
 
     widths = tuple(b.dims for b in blocks)
-    pipeline = heads.make_pipeline(head, heads.with_seed(head, {}, seed),
-                                   normalization(normalize, len(widths)), None, widths)
+    pipeline = heads.make_pipeline(head.head, heads.with_seed(head.head, head.option_values, seed),
+                                   heads.normalization(head.normalize, len(widths)), head.pca, widths)
     x_fit = np.vstack([x[train], *(v[train] for v in extra)]) if extra else x[train]
     t0 = time.perf_counter()
     heads.fit_pipeline(pipeline, x_fit, np.concatenate([labels[train]] * (1 + len(extra))))
     fit_seconds = time.perf_counter() - t0
-    scored = [x[val], *(v[val] for v in extra)] if tta else [x[val]]
+    scored = [x[val], *(v[val] for v in extra)] if head.tta else [x[val]]
     predicted = heads.averaged(pipeline, scored).top_labels[:, 0]
-    return {"head": head, "dims": int(x.shape[1]), "fit_seconds": round(fit_seconds, 3),
+    return {"head": head.head, "dims": int(x.shape[1]), "fit_seconds": round(fit_seconds, 3),
             "val_accuracy": float(np.mean(predicted == labels[val]))}
 
 

@@ -1,7 +1,7 @@
 """Layer taps: which intermediate outputs of a backbone can become feature vectors.
 
 A `Tap` describes one tappable layer at one input size (name, output shape, channels, reduction),
-in the manner of timm's FeatureInfo. Pooling turns a tap's (H, W, C) map into a vector.
+in the manner of timm's FeatureInfo. Pooling (featurecache/pooling.py) turns a tap's (H, W, C) map into a vector.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from . import versions
 from .backbones import Backbone
 from .errors import FeatureCacheError
-
-POOLS = ("flatten", "avg", "max")
+from .pooling import Pooling
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class Tap:
         return self.shape[-1]
 
     def dims(self, pool: str) -> int:
-        return int(np.prod(self.shape)) if pool == "flatten" else self.channels
+        return Pooling.parse(pool).dims(self.shape)
 
 
 def taps_of(model, size: int) -> list[Tap]:
@@ -48,8 +45,13 @@ def taps_of(model, size: int) -> list[Tap]:
     return out
 
 
+# Raised when a backbone's layers change, so a memo written before is rebuilt once rather than hiding the
+# new taps (2: efficientnet_lite0 keeps its classifier, the `predictions` tap that classify reads).
+CATALOGUE_REVISION = 2
+
+
 def _memo_path(backbone: Backbone, size: int, cache_dir: Path) -> Path:
-    return cache_dir / "taps" / f"{backbone.name}-{size}-keras{versions.version('keras')}.json"
+    return cache_dir / "taps" / f"{backbone.name}-{size}-keras{versions.version('keras')}-r{CATALOGUE_REVISION}.json"
 
 
 def remember(backbone: Backbone, size: int, cache_dir: Path, taps: list[Tap]) -> None:
@@ -99,18 +101,3 @@ def check_layers(backbone: Backbone, names: list[str], taps: list[Tap]) -> list[
             raise FeatureCacheError(f"--layer {n}: {backbone.name} has no such layer; {hint}"
                                     f"list them with `featurecache layers --model {backbone.name}`")
     return [by_name[n] for n in names]
-
-
-def check_pool(pool: str) -> str:
-    if pool not in POOLS:
-        raise FeatureCacheError(f"--pool {pool}: unknown; use one of {', '.join(POOLS)}")
-    return pool
-
-
-def pool_maps(maps: np.ndarray, pool: str) -> np.ndarray:
-    """(N, H, W, C) -> (N, D) float32; vectors pass through."""
-    if maps.ndim == 2 or pool == "flatten":
-        return maps.reshape(len(maps), -1).astype(np.float32, copy=False)
-    if pool == "avg":
-        return maps.mean(axis=(1, 2), dtype=np.float32)
-    return maps.max(axis=(1, 2)).astype(np.float32, copy=False)

@@ -30,7 +30,7 @@ import numpy as np
 from . import versions
 from .errors import FeatureCacheError
 from .fingerprint import key_id
-from .store import FeatureSet, FeatureStore, write_atomic
+from .store import FeatureSet, FeatureStore, relative_difference, write_atomic
 
 LIBRARIES = ("tensorflow", "keras", "pillow")  # what fingerprint.feature_key records under "libraries"
 TOLERANCE = 1e-4  # of the feature scale: the engines' parity tolerance (verify.RTOL)
@@ -53,12 +53,13 @@ def _without_libraries(key: dict) -> dict:
 
 
 # ---- adoption (no TensorFlow, only on a miss) ----------------------------------------------------
-def adopt(res, cache_dir: Path) -> None:
-    """For each layer of `res` (a settings.Resolved) whose set is missing, use a stored set made with
-    other library versions but otherwise the same key. Changes `res.keys` and `res.set_ids` in place."""
+def adopt(res, cache_dir: Path):
+    """`res` (a settings.Resolved), where each layer whose set is missing reads a stored set made with
+    other library versions but otherwise the same key instead (a new value; `res` itself is frozen)."""
     store = FeatureStore(cache_dir)
     candidates = None
-    for layer, set_id in list(res.set_ids.items()):
+    adopted = {}
+    for layer, set_id in res.set_ids.items():
         if store.get(set_id) is not None:
             continue  # a hit (or a set of the running versions): nothing read
         if candidates is None:
@@ -68,7 +69,8 @@ def adopt(res, cache_dir: Path) -> None:
                  if "libraries" in key and _without_libraries(key) == want and fs.id != set_id]
         if found:
             fs, key = max(found, key=lambda c: _rows(c[0]))  # the fullest, when several versions left sets
-            res.keys[layer], res.set_ids[layer] = key, fs.id
+            adopted[layer] = key
+    return res.with_sets(adopted) if adopted else res
 
 
 def _readable_keys(store: FeatureStore) -> list[tuple[FeatureSet, dict]]:
@@ -94,10 +96,9 @@ def outdated(res) -> list[str]:
     return [layer for layer in res.layers if moved(res.keys[layer].get("libraries", now), now)]
 
 
-def drop(res, layer: str) -> None:
-    """Undo an adoption: `layer`'s set becomes the one of the running versions (computed afresh)."""
-    res.keys[layer] = res.key(layer)
-    res.set_ids[layer] = key_id(res.keys[layer])
+def drop(res, layer: str):
+    """Undo an adoption: `res` where `layer`'s set is the one of the running versions (computed afresh)."""
+    return res.with_sets({layer: res.key(layer)})
 
 
 # ---- the first use under other versions ------------------------------------------------------------
@@ -132,7 +133,7 @@ def check(fs: FeatureSet, available: set[str], encode: Callable[[list[str]], dic
     if stale.is_file():
         record = json.loads(stale.read_text())
     else:
-        picks = _pick_rows(fs, available, k, seed)
+        picks = fs.sample_rows(available, k, seed)
         if not picks:
             return False  # none of these images is stored: nothing to compare, check on a later use
         try:
@@ -140,7 +141,7 @@ def check(fs: FeatureSet, available: set[str], encode: Callable[[list[str]], dic
         except FeatureCacheError as e:  # e.g. the weights are no longer found: use the set, check it later
             say(f"notice: feature set {fs.id} was made with {_versions_text(changed)}; not checked ({e})")
             return False
-        diffs = [_difference(fresh[i], fs.row(path, row)) for path, row, i in picks if i in fresh]
+        diffs = [relative_difference(fresh[i], fs.row(path, row)) for path, row, i in picks if i in fresh]
         if not diffs:
             return False
         worst = max(diffs)
@@ -163,23 +164,3 @@ def check(fs: FeatureSet, available: set[str], encode: Callable[[list[str]], dic
 
 def _versions_text(changed: dict[str, tuple[str, str]]) -> str:
     return ", ".join(f"{lib} {old}, this is {new}" for lib, (old, new) in sorted(changed.items()))
-
-
-def _difference(fresh: np.ndarray, stored: np.ndarray) -> float:
-    """The largest difference relative to the row's largest value, as `cache verify --data` measures it."""
-    return float(np.abs(np.asarray(fresh) - stored).max() / max(float(np.abs(stored).max()), 1e-12))
-
-
-def _pick_rows(fs: FeatureSet, wanted: set[str], k: int, seed: int) -> list[tuple[Path, int, str]]:
-    """[(part, row, id)]: up to k stored rows of images in `wanted`, seeded, spread over the parts."""
-    rng = np.random.default_rng(seed)
-    per_part = []
-    for path in fs.part_files():
-        rows = [(path, r, i) for r, i in enumerate(fs.part_ids(path)) if i in wanted]
-        if rows:
-            per_part.append([rows[j] for j in rng.permutation(len(rows))])
-    picks, depth = [], 0
-    while len(picks) < k and any(depth < len(p) for p in per_part):
-        picks += [p[depth] for p in per_part if depth < len(p)][:k - len(picks)]
-        depth += 1
-    return picks

@@ -18,11 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .errors import FeatureCacheError
 from .fingerprint import key_id
-from .store import FeatureSet
+from .settings import RunSettings
+from .store import FeatureSet, relative_difference
 
 RTOL = 1e-4  # of a row's largest value; TF's CPU kernels move vectors by ~1e-6 with batch size or threads
 
@@ -96,16 +95,13 @@ def _notes(fs: FeatureSet) -> list[str]:
 
 
 # ---- values -----------------------------------------------------------------------------------
-def recompute_sample(fs: FeatureSet, ds, k: int, cache_dir: Path, bad_parts=(), seed: int = 0
-                     ) -> tuple[list[Problem], str]:
-    """Recompute up to `k` stored rows of images of `ds`, spread over the healthy parts."""
-    from .extract import Sources
+def recompute_sample(fs: FeatureSet, ds, k: int, cache_dir: Path, bad_parts=()) -> tuple[list[Problem], str]:
+    """Recompute up to `k` stored rows of images of `ds`, spread over the healthy parts (a seeded choice)."""
+    from .extract import Sources, first_positions
 
     src = Sources([ds.train.images, ds.test.images])
-    first = {}
-    for pos, i in enumerate(src.ids):
-        first.setdefault(i, pos)
-    picks = _pick_rows(fs, set(first), k, set(bad_parts), seed)
+    first = first_positions(src.ids)
+    picks = fs.sample_rows(set(first), k, skip=set(bad_parts))
     if not picks:
         return [], f"no image of --data {ds.name} is stored in this set; values not checked"
     encoder, why = _encoder_for(fs, cache_dir)
@@ -118,32 +114,13 @@ def recompute_sample(fs: FeatureSet, ds, k: int, cache_dir: Path, bad_parts=(), 
         if not fresh.keys:
             continue
         stored = fs.row(path, row)
-        diff = float(np.abs(fresh.vectors[encoder.taps[0]][0] - stored).max() / max(float(np.abs(stored).max()),
-                                                                                   1e-12))
+        diff = relative_difference(fresh.vectors[encoder.taps[0]][0], stored)
         worst, checked = max(worst, diff), checked + 1
         if diff > RTOL:
             problems.append(Problem(f"{path.name}: stored vector of {src.name(pos)} differs from a "
                                     f"fresh computation (relative difference {diff:.2g})", path))
     return problems, (f"recomputed {checked} rows from --data {ds.name}: largest relative difference "
                       f"{worst:.2g} (tolerance {RTOL:g})")
-
-
-def _pick_rows(fs: FeatureSet, wanted: set[str], k: int, bad_parts: set[Path], seed: int):
-    """[(part, row, id)]: k stored rows whose images are in `wanted`, taken round-robin over parts."""
-    rng = np.random.default_rng(seed)
-    per_part = []
-    for path in fs.part_files():
-        if path in bad_parts:
-            continue
-        rows = [(path, r, i) for r, i in enumerate(fs.part_ids(path)) if i in wanted]
-        if rows:
-            per_part.append([rows[j] for j in rng.permutation(len(rows))])
-    order = rng.permutation(len(per_part)) if per_part else []
-    picks, depth = [], 0
-    while len(picks) < k and any(depth < len(p) for p in per_part):
-        picks += [per_part[j][depth] for j in order if depth < len(per_part[j])][:k - len(picks)]
-        depth += 1
-    return picks
 
 
 def spec_of(key: dict, weights: str, seed: int):
@@ -176,10 +153,7 @@ def _encoder_for(fs: FeatureSet, cache_dir: Path):
         return None, f"{e}; values not checked"
     if res.keys[key["layer"]] != key:
         return None, "made with other library versions than installed now; values not checked"
-    # float32 on TensorFlow, the reference every engine is held to; int8 only on the cached graph it
-    # was made with, which reproduces it; bf16 only on the engine whose kernels round it.
-    engine = "tensorflow" if res.precision == "float32" else "auto"
-    encoder = Encoder(res, cache_dir, engine, on_error="skip")
+    encoder = Encoder(res, cache_dir, res.precision.reference_engine, on_error="skip")
     try:
         encoder.load()
     except FeatureCacheError as e:
@@ -209,11 +183,13 @@ def _weights_for(backbone, key: dict, source: dict, cache_dir: Path):
 
 
 # ---- commands ---------------------------------------------------------------------------------
-def verify(fs: FeatureSet, ds=None, k: int = 8, cache_dir: Path | None = None) -> Report:
+def verify(fs: FeatureSet, ds=None, run: RunSettings | None = None, sample: int = 8) -> Report:
+    """Check `fs`'s files and, given the dataset `ds`, recompute `sample` of its rows from the images.
+    run: the cache (converted graphs, weights) and the log; default: the cache `fs` lives in."""
+    run = run or RunSettings(fs.folder.parents[1])
     problems, notes = check_structure(fs)
-    if ds is not None and k > 0 and not any(p.part is None for p in problems):
-        found, note = recompute_sample(fs, ds, k, cache_dir or fs.folder.parents[1],
-                                       bad_parts={p.part for p in problems})
+    if ds is not None and sample > 0 and not any(p.part is None for p in problems):
+        found, note = recompute_sample(fs, ds, sample, run.cache_dir, bad_parts={p.part for p in problems})
         problems += found
         notes.append(note)
     elif ds is not None:
@@ -221,10 +197,11 @@ def verify(fs: FeatureSet, ds=None, k: int = 8, cache_dir: Path | None = None) -
     return Report(fs.id, problems, notes)
 
 
-def repair(fs: FeatureSet, ds=None, k: int = 8, cache_dir: Path | None = None, log=print) -> Report:
+def repair(fs: FeatureSet, ds=None, run: RunSettings | None = None, sample: int = 8) -> Report:
     """Verify, then (under the set's lock) move damaged parts aside and delete temporary files."""
-    with fs.lock(notify=log):
-        report = verify(fs, ds, k, cache_dir)
+    run = run or RunSettings(fs.folder.parents[1])
+    with fs.lock(notify=run.say):
+        report = verify(fs, ds, run, sample)
         unfixable = [p for p in report.problems if p.part is None]
         if unfixable:
             raise FeatureCacheError(f"{fs.id}: {unfixable[0].text}; repair cannot fix this, "

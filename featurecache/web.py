@@ -30,7 +30,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from . import images as imagelib
 from .errors import FeatureCacheError
 from .fleet import Fleet, NotServed
 
@@ -41,14 +40,6 @@ MAX_JSON_FLOATS = 1 << 20  # ~20 MB of JSON text; binary answers have no such li
 
 def wants_npy(request: Request) -> bool:
     return NPY in request.headers.get("accept", "").lower()
-
-
-def lookup_or_decode(svc, named: list[tuple[str, bytes]]):
-    """(ids, {position: stored vector}, {position: decoded pixels}) for one request's images."""
-    ids = [imagelib.content_hash(data) for _, data in named]
-    stored = svc.stored.lookup(ids)
-    pixels = {k: svc.decode(name, data) for k, (name, data) in enumerate(named) if k not in stored}
-    return ids, stored, pixels
 
 
 def npy_bytes(matrix: np.ndarray) -> bytes:
@@ -91,9 +82,10 @@ def add_routes(app: FastAPI, fleet: Fleet, submit, read_images, errors: dict, bo
             raise HTTPException(404, str(e)) from None
         named = await read_images(request)
         try:
-            ids, stored, pixels = await run_in_threadpool(lookup_or_decode, svc, named)
+            found = await run_in_threadpool(svc.look_up, named)
         except FeatureCacheError as e:
             raise HTTPException(422, str(e)) from None
+        ids, stored, pixels = found.ids, found.stored, found.pixels
         misses = sorted(pixels)
         computed = await submit(svc.stored.set_id, [(None, named[k][0], pixels[k], 1) for k in misses])
         vectors = {**stored, **dict(zip(misses, computed))}

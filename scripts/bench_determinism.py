@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurecache.api import DataOptions, FeatureSpec, make_encoder
+from featurecache.api import DataOptions, FeatureSpec, RunSettings, make_encoder
 from featurecache.bench import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def vectors() -> dict:
 
     ds = DataOptions("digits", max_train=60, max_test=30).load()
     spec = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
-    enc = make_encoder(spec, Path(tempfile.mkdtemp()), "tensorflow")
+    enc = make_encoder(spec, RunSettings(Path(tempfile.mkdtemp()), engine="tensorflow"))
     x = enc.prepare([ds.train.images.load(k) for k in range(60)]).pixels
 
     def run(bs, order):

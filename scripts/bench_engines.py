@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featurecache.api import DataOptions, FeatureSpec, extract_dataset, make_encoder
+from featurecache.api import ENGINES, DataOptions, FeatureSpec, RunSettings, extract_dataset, make_encoder
 from featurecache.errors import FeatureCacheError
 
 CASES = (("vgg16", "hed-bsds", 64, "block5_pool"), ("efficientnet_lite0", "imagenet", 224, "top_activation"))
-ENGINES = ("tensorflow", "onnxruntime", "openvino")
 
 
 def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
@@ -52,7 +51,7 @@ def configurations(case, cache: Path, calibration: DataOptions, log) -> dict:
     configs = {}
     for engine in ENGINES:
         try:
-            enc = make_encoder(spec, cache, engine, log=log).load()
+            enc = make_encoder(spec, RunSettings(cache, engine=engine, log=log)).load()
         except FeatureCacheError as e:  # not installed here
             log(f"skip {engine}: {e}")
             continue
@@ -60,8 +59,8 @@ def configurations(case, cache: Path, calibration: DataOptions, log) -> dict:
     int8 = replace(spec, precision="int8")
     ds = calibration.load()
     try:
-        extract_dataset(ds, int8, cache, progress=False, log=log, engine="openvino")
-        enc = make_encoder(int8, cache, "openvino", train_ids=ds.train.images.ids, log=log).load()
+        extract_dataset(ds, int8, RunSettings(cache, progress=False, log=log, engine="openvino"))
+        enc = make_encoder(int8, RunSettings(cache, engine="openvino", log=log), train_ids=ds.train.images.ids).load()
         configs["openvino, int8 (nncf)"] = ("openvino", "int8", enc)
     except FeatureCacheError as e:
         log(f"skip int8: {e}")

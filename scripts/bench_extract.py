@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from featurecache.api import FeatureSpec, make_encoder
+from featurecache.api import PRECISIONS, FeatureSpec, RunSettings, make_encoder
 from featurecache.bench import conv_flops, cpu_model, run_cli, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def throughput(size: int, n: int, batch_size: int, cache: Path) -> float:
     on decoded images, after one warm-up batch."""
     import numpy as np
 
-    enc = make_encoder(FeatureSpec("vgg16", "random", ("block5_pool",), size=size), cache, "tensorflow")
+    enc = make_encoder(FeatureSpec("vgg16", "random", ("block5_pool",), size=size), RunSettings(cache, "tensorflow"))
     x = np.random.default_rng(0).integers(0, 255, (batch_size, size, size, 3), dtype=np.uint8)
     enc.encode_pixels(x)
     t0 = time.perf_counter()
@@ -331,7 +331,7 @@ def photos_section(args) -> None:
         fn()
         return n / (time.perf_counter() - t0)
 
-    encs = {m: make_encoder(Spec("efficientnet_lite0", "imagenet", (), "avg", 224, m), cache).load()
+    encs = {m: make_encoder(Spec("efficientnet_lite0", "imagenet", (), "avg", 224, m), RunSettings(cache)).load()
             for m in ("auto", "nearest")}
     enc = encs["auto"]
     pixels = enc.prepare(paths[:bs]).pixels
@@ -404,7 +404,6 @@ PRECISION_CASES = (
       (("block3_pool", "block4_pool"), "max2x2"))),
     ("efficientnet_lite0", "imagenet", 224, "avg", ("top_activation",), ((("top_activation",), "avg"),)),
 )
-PRECISIONS = ("float32", "bf16", "int8")
 INT8_TARGET = 0.3  # points of test accuracy int8 may cost on a recommended tap (issue 16)
 
 
@@ -445,7 +444,8 @@ def precisions_section(args) -> None:
                 acc[p, layers] = json.loads(r.stdout[r.stdout.find("{"):])["test_accuracy"]
                 say(f"  {'+'.join(layers)} {fit_pool} {p}: accuracy {acc[p, layers]} ({r.seconds:.0f} s)")
         specs = {p: Spec(model, weights, taps, pool=pool, size=size, precision=p) for p in PRECISIONS}
-        encs = {p: make_encoder(s, cache, "openvino", train_ids=fm.train.images.ids).load() for p, s in specs.items()}
+        encs = {p: make_encoder(s, RunSettings(cache, "openvino"), train_ids=fm.train.images.ids).load()
+                for p, s in specs.items()}
         pixels = encs["float32"].prepare(raw).pixels
         vec = {p: e.encode_pixels(pixels) for p, e in encs.items()}
         rates = {p: [] for p in encs}

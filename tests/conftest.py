@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -30,6 +31,29 @@ def run_cli(*args, cache_dir=None, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"featurecache {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def feats(size: int = 32, *layers: str, weights: str = "random") -> list[str]:
+    """The feature options of a test that needs vectors made fast rather than good ones: VGG16 with seeded
+    random weights (or `weights`, e.g. hed-bsds) at `size` px, on `layers` (default: the model's tap)."""
+    return ["--model", "vgg16", "--weights", weights, "--size", str(size), *(a for l in layers for a in ("--layer", l))]
+
+
+FEATS = feats()  # random-weight VGG16 at 32 px, its default tap: the plumbing tests' features
+
+
+def fit_run(*args, cache) -> dict:
+    """`featurecache fit ARGS --json -q` (with --extract among ARGS it extracts first): the run's summary, whose
+    `run_id` names it for predict, serve and export."""
+    return json.loads(run_cli("fit", *args, "--json", "-q", cache_dir=cache, check=True).stdout)
+
+
+def run_python(code: str) -> str:
+    """Run `code` in a fresh interpreter from the repository root, as a user's program would, and return its
+    stdout (a failure shows the end of its stderr): how a test sees what an import pulls in (TensorFlow?)."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def free_port() -> int:
@@ -128,7 +152,7 @@ def write_cifar_archive(root: Path, per_batch: int = 10) -> tuple[Path, Path, di
 def fashion_small(tmp_path_factory):
     """Fashion-MNIST, 3,000 train / 1,000 test, with a session cache holding its HED-VGG16 block3_pool codes at
     32px (4,096-d), shared by the real-data tests. Skips where Debian's dataset-fashion-mnist is missing."""
-    from featurecache.api import DataOptions, dataset_features
+    from featurecache.api import DataOptions, RunSettings, dataset_features
     from featurecache.datasets import FASHION_MNIST_DIR
     from featurecache.extract import FeatureSpec
 
@@ -137,5 +161,5 @@ def fashion_small(tmp_path_factory):
     cache = tmp_path_factory.mktemp("fashion-cache")
     ds = DataOptions("fashion-mnist", max_train=3000, max_test=1000).load()
     spec = FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), size=32)
-    _, x_train, x_test = dataset_features(ds, spec, cache, compute=True, progress=False)
+    _, x_train, x_test = dataset_features(ds, spec, RunSettings(cache, progress=False), compute=True)
     return {"ds": ds, "cache": cache, "hed": (x_train, x_test)}

@@ -1,13 +1,12 @@
 """Real offline weights (HED VGG16 trunk, EfficientNet-Lite0) as backbones, and the weights part of the key."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from featurecache.api import DataOptions, dataset_features
+from conftest import run_python
+from featurecache.api import DataOptions, RunSettings, dataset_features
 from featurecache.backbones import BACKBONES, get_backbone
 from featurecache.backbones.build import build_model
 from featurecache.backbones.vgg16_hed import VGG16_CONVS, read_hed_convs
@@ -57,9 +56,7 @@ def test_offline_weights_resolve_without_tensorflow(tmp_path):
             "for m, w in (('vgg16', 'hed-bsds'), ('efficientnet_lite0', 'imagenet')):\n"
             f"    assert resolve_weights(get_backbone(m), w, cache_dir=Path({str(tmp_path)!r})).path.is_file()\n"
             "print('tensorflow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", "from pathlib import Path\n" + code], capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert run_python("from pathlib import Path\n" + code).strip() == "False"
 
 
 def test_keras_weights_file_path(tmp_path):
@@ -79,7 +76,7 @@ def test_keras_weights_file_path(tmp_path):
 def test_efficientnet_lite0_extracts_named_taps(cache):
     ds = DataOptions("digits", max_train=40, max_test=20).load()
     spec = FeatureSpec("efficientnet_lite0", "imagenet", ("block5c_add",), pool="avg")
-    res, x_train, _ = dataset_features(ds, spec, cache, compute=True, progress=False)
+    res, x_train, _ = dataset_features(ds, spec, RunSettings(cache, progress=False), compute=True)
     assert res.size == 32 and res.preprocess_mode == "tf" and x_train.shape == (40, 112)
     assert res.weights.id.startswith("imagenet-")  # the shipped .pth, identified by its content hash
     with pytest.raises(FeatureCacheError, match="--weights hed-bsds: not a file"):
@@ -94,7 +91,8 @@ def test_hed_features_beat_random_features_on_fashion_mnist(fashion_small):
     acc = {}
     for weights in ("hed-bsds", "random"):
         spec = FeatureSpec("vgg16", weights, ("block3_pool",), size=32)
-        _, x_train, x_test = dataset_features(ds, spec, fashion_small["cache"], compute=True, progress=False)
+        run = RunSettings(fashion_small["cache"], progress=False)
+        _, x_train, x_test = dataset_features(ds, spec, run, compute=True)
         head = make_pipeline("linsvc", {}, "l2", None).fit(x_train, ds.train.labels)
         acc[weights] = head.score(x_test, ds.test.labels)
     assert acc["hed-bsds"] >= acc["random"] + 0.04, acc

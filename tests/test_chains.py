@@ -12,9 +12,10 @@ import pytest
 
 from conftest import write_digit_folder
 from featurecache import engines
-from featurecache.api import DataOptions, extract_dataset
+from featurecache.api import DataOptions, RunSettings, extract_dataset
 from featurecache.extract import FeatureSpec
-from featurecache.store import FeatureStore
+from featurecache.settings import HeadSpec
+from featurecache.store import FeatureStore, relative_difference
 
 INT8 = engines.installed("openvino") and __import__("importlib").util.find_spec("nncf") is not None
 
@@ -41,14 +42,14 @@ def folder(tmp_path_factory):
 def close(a, b, what):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, what
-    scale = max(float(np.abs(a).max()), 1e-12)
-    assert float(np.abs(a - b).max()) / scale < 1e-4, f"{what}: relative difference {np.abs(a - b).max() / scale:.2g}"
+    diff = relative_difference(b, a)  # as cache verify holds a recomputed row to its stored one
+    assert diff < 1e-4, f"{what}: relative difference {diff:.2g}"
 
 
 def plan_vectors(ds, spec, cache, engine, monkeypatch) -> tuple[list[str], np.ndarray]:
     """(ids, vectors) of the first warm-up batch plan runs through its encoder."""
     from featurecache import encoder as encoder_mod
-    from featurecache.plan import plan
+    from featurecache.plan import run_plan
 
     ids = ds.train.images.ids + ds.test.images.ids  # plan's batches are keyed by position in this list
     seen = []
@@ -60,7 +61,7 @@ def plan_vectors(ds, spec, cache, engine, monkeypatch) -> tuple[list[str], np.nd
         return out
 
     monkeypatch.setattr(encoder_mod.Encoder, "run", run)
-    out = plan(ds, spec, cache, engine=engine, batch_size=64, probe=1)
+    out = run_plan(ds, spec, RunSettings(cache, engine=engine, batch_size=64), probe=1)
     monkeypatch.undo()
     assert out["to_compute"] == len(seen[0][0]) == len(set(ids)) and out["engine"] == engine
     return seen[0]
@@ -69,7 +70,8 @@ def plan_vectors(ds, spec, cache, engine, monkeypatch) -> tuple[list[str], np.nd
 @pytest.mark.parametrize("model, pool, resize, preprocess, engine, precision", CASES)
 def test_every_chain_gives_the_same_vectors(folder, tmp_path, monkeypatch, model, pool, resize, preprocess, engine,
                                             precision):
-    from featurecache.fit import fit_head
+    from featurecache.fit import fit
+    from featurecache import runs
     from featurecache.predict import features_for_files
     from featurecache.serve import ServeOptions, Service
     from featurecache.verify import verify
@@ -86,20 +88,20 @@ def test_every_chain_gives_the_same_vectors(folder, tmp_path, monkeypatch, model
     plan_ids, planned = plan_vectors(ds, spec, cache, engine, monkeypatch)
 
     # extract: the stored vectors
-    res, summary = extract_dataset(ds, spec, cache, progress=False, engine=engine)
+    res, summary = extract_dataset(ds, spec, RunSettings(cache, progress=False, engine=engine))
     assert summary.computed == len(ids) and summary.engine == engine
     fs = FeatureStore(cache).get(res.set_ids[layer])
     stored = fs.gather(ids)
     close(planned, fs.gather(plan_ids), "plan's warm-up vs extract")
 
     # verify: recompute every row from the images and compare with the store
-    report = verify(fs, ds, k=len(ids), cache_dir=cache)
+    report = verify(fs, ds, RunSettings(cache), len(ids))
     assert report.ok, report.line()
     assert f"recomputed {len(ids)} rows" in report.line()
 
     # serve's compute path: uploaded bytes decoded, one forward pass; the head is any fitted one
-    record = fit_head(opts, spec, "logreg", {}, "l2", None, [], cache, progress=False, log=lambda m: None,
-                      engine=engine)
+    record = fit(opts, spec, RunSettings(cache, engine, progress=False, log=lambda m: None),
+                 HeadSpec("logreg", normalize="l2"))
     service = Service(ServeOptions(record["run_id"], str(cache), max_batch=4, engine=engine))
     assert service.engine == engine
     pixels = np.stack([service.decode(p.name, p.read_bytes()) for p in files])
@@ -107,5 +109,5 @@ def test_every_chain_gives_the_same_vectors(folder, tmp_path, monkeypatch, model
 
     # predict: the set removed, so predict computes every file again (and stores it)
     FeatureStore(cache).remove(fs.id)
-    again = features_for_files(files, record, cache, engine=engine)
+    again = features_for_files(files, runs.load(cache, record["run_id"]), RunSettings(cache, engine))
     close(again, stored, "predict vs extract")

@@ -129,6 +129,10 @@ def test_flag_beats_environment_beats_file_and_config_says_which(tmp_path):
     ("quiet = \"yes\"\n", ["quiet", "true or false"]),
     ('[fitt]\nhead = "linsvc"\n', ["[fitt] is not a command"]),
     ('[fit]\nhost = "0.0.0.0"\n', ["[fit]", "unknown key 'host'"]),
+    # the heads and their options come from featurecache/heads: the file is checked against them too
+    ('[fit]\nhead = "boosting"\n', ["[fit]", "head", "boosting", "linsvc"]),
+    ('[fit]\nalpha = "strong"\n', ["[fit]", "alpha", "strong"]),
+    ('[sweep]\nheads = "linsvc,boosting"\n', ["[sweep]", "heads", "unknown head 'boosting'"]),
 ])
 def test_a_bad_project_file_is_one_line_naming_file_and_key(tmp_path, text, words):
     cache = tmp_path / "cache"

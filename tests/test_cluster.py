@@ -23,10 +23,10 @@ import pytest
 
 pytest.importorskip("ray")
 
-from conftest import ROOT, error_line, run_cli, write_digit_folder  # noqa: E402
+from conftest import ROOT, error_line, feats, free_port, run_cli, write_digit_folder  # noqa: E402
 from test_reliability import Child, progress  # noqa: E402
 
-from featurecache.api import DataOptions, extract_dataset  # noqa: E402
+from featurecache.api import DataOptions, RunSettings, extract_dataset  # noqa: E402
 from featurecache.cluster import ClusterSettings, probe  # noqa: E402
 from featurecache.datasets import load_dataset  # noqa: E402
 from featurecache.errors import FeatureCacheError  # noqa: E402
@@ -34,7 +34,7 @@ from featurecache.extract import FeatureSpec  # noqa: E402
 from featurecache.store import FeatureStore  # noqa: E402
 
 SPEC = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
-FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32", "--layer", "block5_pool"]
+FEATS = feats(32, "block5_pool")
 SMALL = ["--data", "digits", "--max-train", "120", "--max-test", "60"]
 QUIET_ENV = {"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}
 
@@ -49,12 +49,6 @@ def ray_address():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -118,7 +112,8 @@ def encode_actor_pids() -> list[int]:
 
 
 def test_ray_set_is_a_local_cache_hit_with_the_same_vectors_and_accuracy(ray_address, tmp_path):
-    from featurecache.fit import fit_head
+    from featurecache.fit import fit
+    from featurecache.settings import HeadSpec
 
     on_ray, local = tmp_path / "ray", tmp_path / "local"
     proc = run_cli("extract", *SMALL, *FEATS, "--executor", "ray", "--ray-address", ray_address, "--workers", "2",
@@ -132,12 +127,13 @@ def test_ray_set_is_a_local_cache_hit_with_the_same_vectors_and_accuracy(ray_add
 
     data = DataOptions("digits", max_train=120, max_test=60)
     ds = data.load()
-    _, s = extract_dataset(ds, SPEC, local, progress=False)
+    _, s = extract_dataset(ds, SPEC, RunSettings(local, progress=False))
     assert s.sets[0]["id"] == out["sets"][0]["id"]  # the executor is not part of the key
     ids = all_ids(ds)
     a, b = the_set(on_ray).gather(ids), the_set(local).gather(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
-    fits = [fit_head(data, SPEC, "linsvc", {}, "l2", None, [], cache, log=lambda m: None) for cache in (on_ray, local)]
+    fits = [fit(data, SPEC, RunSettings(cache, log=lambda m: None), HeadSpec("linsvc", normalize="l2"))
+            for cache in (on_ray, local)]
     assert fits[0]["metrics"]["test_accuracy"] == fits[1]["metrics"]["test_accuracy"]
 
 
@@ -220,18 +216,20 @@ def test_unreadable_image_on_a_worker_is_skipped_by_name(ray_address, tmp_path):
     bad = folder / "digit1" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     ds = load_dataset(str(folder), test_size=0.25)
-    _, s = extract_dataset(ds, SPEC, tmp_path / "cache", progress=False, on_error="skip", executor="ray",
-                           cluster=ClusterSettings(workers=1))
+    _, s = extract_dataset(ds, SPEC, RunSettings(tmp_path / "cache", progress=False, on_error="skip", executor="ray",
+                                                 cluster=ClusterSettings(workers=1)))
     assert [x["name"] for x in s.skipped] == [str(bad)] and s.computed == 24
     with pytest.raises(FeatureCacheError, match="broken.png"):  # fail: the same check as local, before any work
-        extract_dataset(ds, SPEC, tmp_path / "other", progress=False, executor="ray", cluster=ClusterSettings())
+        extract_dataset(ds, SPEC, RunSettings(tmp_path / "other", progress=False, executor="ray",
+                                              cluster=ClusterSettings()))
 
 
 def test_plan_estimates_from_the_cluster_resources(ray_address, tmp_path):
-    from featurecache.plan import describe, plan
+    from featurecache.plan import describe, run_plan
 
     ds = DataOptions("digits", max_train=120, max_test=60).load()
-    out = plan(ds, SPEC, tmp_path / "cache", probe=32, executor="ray", cluster=ClusterSettings(workers=None))
+    run = RunSettings(tmp_path / "cache", executor="ray", cluster=ClusterSettings(workers=None))
+    out = run_plan(ds, SPEC, run, probe=32)
     assert out["executor"] == "ray" and out["cluster_cpus"] == 2 and out["workers"] == 2
     assert out["measured_images_per_second"] == pytest.approx(2 * out["per_worker_images_per_second"], rel=0.01)
     assert out["expected_seconds"] > out["setup_seconds"] and "Ray cluster of 2 CPUs" in describe(out)

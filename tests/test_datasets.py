@@ -1,8 +1,6 @@
 import gzip
 import math
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import write_cifar_archive, write_digit_folder
+from conftest import run_python, write_cifar_archive, write_digit_folder
 from featurecache.datasets import FASHION_MNIST_DIR, load_dataset
 from featurecache.errors import FeatureCacheError
 
@@ -159,6 +157,4 @@ def test_a_subset_cache_hit_does_not_import_scikit_learn(tmp_path):
             "ds = DataOptions('digits', max_train=100, max_test=50).load(); "
             "assert len(ds.train) == 100 and len(ds.test) == 50; "
             "print(sorted(m for m in sys.modules if m.startswith('sklearn.model_selection')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert run_python(code).strip() == "[]"

@@ -18,6 +18,7 @@ from featurecache.backbones import efficientnet_lite as lite
 from featurecache.backbones.torch_pickle import load_state_dict
 from featurecache.classify import classify
 from featurecache.errors import FeatureCacheError
+from featurecache.settings import RunSettings
 
 PTH = lite.default_weights_path()
 
@@ -30,6 +31,12 @@ def state():
 @pytest.fixture(scope="module")
 def pretrained():
     return lite.efficientnet_lite0(include_top=True, weights=PTH, classifier_activation=None)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """classify's settings, with a cache of this module's own for the converted graphs."""
+    return RunSettings(tmp_path_factory.mktemp("classify-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +237,16 @@ def test_random_weights_depend_only_on_the_seed():
     assert b.shape == c.shape and not np.array_equal(b, c)
 
 
+def test_the_classifier_leaves_the_random_backbone_as_it_was():
+    """featurecache builds Lite0 with its classifier (the `predictions` tap): the random weights of every
+    other layer, which random-weight feature sets are keyed by, stay those of the headless model."""
+    headless, full = lite.efficientnet_lite0((32, 32, 3), seed=2), lite.efficientnet_lite0((32, 32, 3), True, seed=2)
+    assert [l.name for l in full.layers][-3:] == ["avg_pool", "top_dropout", "predictions"]
+    for layer in headless.layers:
+        for a, b in zip(layer.get_weights(), full.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
+
+
 @pytest.mark.parametrize("input_shape,size,spatial", [
     ((32, 32, 3), (32, 32), (1, 1)),
     ((64, 64, 3), (64, 64), (2, 2)),
@@ -266,35 +283,35 @@ def test_preprocess_input_is_tf_mode():
 
 # ---- known answers with the real weights ---------------------------------------------------
 
-def test_known_answers(tmp_path):
+def test_known_answers(tmp_path, run):
     chelsea = tmp_path / "chelsea.png"
     Image.fromarray(skimage.data.chelsea()).save(chelsea)
     flower = sklearn.datasets.load_sample_image("flower.jpg")
-    results = classify([skimage.data.coffee(), chelsea, flower], top=3)
+    results = classify([skimage.data.coffee(), chelsea, flower], top=3, run=run)
     assert [r[0][:2] for r in results] == [(967, "espresso"), (285, "Egyptian cat"), (985, "daisy")]
     assert all(len(r) == 3 and r[0][2] >= r[1][2] >= r[2][2] for r in results)
-    assert classify(str(chelsea), top=1)[0][0][0] == 285
+    assert classify(str(chelsea), top=1, run=run)[0][0][0] == 285
 
 
-def test_pretrained_logits_match_classify(pretrained):
+def test_pretrained_logits_match_classify(pretrained, run):
     x = np.asarray(Image.fromarray(skimage.data.coffee()).resize((224, 224), Image.BILINEAR))
     logits = pretrained.predict(lite.preprocess_input(x[None]), verbose=0)[0]
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
-    index, _, p = classify(skimage.data.coffee(), top=1)[0][0]
+    index, _, p = classify(skimage.data.coffee(), top=1, run=run)[0][0]
     assert index == int(np.argmax(logits)) and p == pytest.approx(probs[index], abs=1e-5)
 
 
-def test_classify_names_a_non_image_file(tmp_path):
+def test_classify_names_a_non_image_file(tmp_path, run):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     with pytest.raises(FeatureCacheError, match="notes.txt"):
-        classify([text])
+        classify([text], run=run)
     with pytest.raises(FeatureCacheError, match="top=0"):
-        classify([text], top=0)
+        classify([text], top=0, run=run)
 
 
-def test_classify_refuses_a_decompression_bomb_before_decoding(tmp_path):
+def test_classify_refuses_a_decompression_bomb_before_decoding(tmp_path, run):
     import struct
     import zlib
 
@@ -305,8 +322,8 @@ def test_classify_refuses_a_decompression_bomb_before_decoding(tmp_path):
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
     with pytest.raises(FeatureCacheError, match="bomb.png: declares .*over the limit"):
-        classify([bomb])
+        classify([bomb], run=run)
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(small)
     with pytest.raises(FeatureCacheError, match=r"small.png: declares 50x40 pixels, over the limit of 1,000"):
-        classify([small], max_pixels=1000)  # the same guard as extraction's, with its limit
+        classify([small], run=run, max_pixels=1000)  # the same guard as extraction's, with its limit

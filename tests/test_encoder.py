@@ -3,15 +3,13 @@ and the settings values around it (featurecache/settings.py), which keep the his
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli, write_digit_folder
+from conftest import feats, fit_run, run_cli, run_python, write_digit_folder
 from featurecache import versions
 from featurecache.api import encode_images, make_encoder
 from featurecache.datasets import load_dataset
@@ -30,7 +28,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    return make_encoder(SPEC, tmp_path_factory.mktemp("cache"), engine="tensorflow")
+    return make_encoder(SPEC, RunSettings(tmp_path_factory.mktemp("cache"), engine="tensorflow"))
 
 
 def test_a_description_rebuilt_in_a_fresh_process_gives_the_same_vectors(encoder, files, tmp_path):
@@ -45,9 +43,7 @@ def test_a_description_rebuilt_in_a_fresh_process_gives_the_same_vectors(encoder
         f"out = enc({[str(p) for p in files]!r})\n"
         f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n"
         "print(enc.engine, sys.modules.get('featurecache.cli') is None)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["tensorflow", "True"]
+    assert run_python(code).split() == ["tensorflow", "True"]
     got = np.load(tmp_path / "out.npz")
     assert sorted(got.files) == sorted(want)
     for tap in want:
@@ -59,7 +55,7 @@ def test_an_encoder_on_a_cached_graph_builds_no_network(engine, files, tmp_path)
     """Once a graph is converted, an encoder for it (a Ray actor, `predict`, `serve`) runs it without
     building the Keras model or importing TensorFlow, and gives the same vectors as the one that converted it."""
     pytest.importorskip(engine)
-    first = make_encoder(SPEC, tmp_path, engine=engine)
+    first = make_encoder(SPEC, RunSettings(tmp_path, engine=engine))
     want = first([str(p) for p in files])
     (tmp_path / "desc.pkl").write_bytes(pickle.dumps(first.description))
     code = (
@@ -68,9 +64,7 @@ def test_an_encoder_on_a_cached_graph_builds_no_network(engine, files, tmp_path)
         f"out = enc({[str(p) for p in files]!r})\n"
         f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n"
         "print(enc.engine, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == [engine, "False", "False"]
+    assert run_python(code).split() == [engine, "False", "False"]
     got = np.load(tmp_path / "out.npz")
     for tap in want:
         np.testing.assert_allclose(got[tap], want[tap], rtol=1e-6, atol=1e-6 * np.abs(want[tap]).max())
@@ -79,20 +73,17 @@ def test_an_encoder_on_a_cached_graph_builds_no_network(engine, files, tmp_path)
 def test_predicting_new_images_on_cached_graphs_imports_no_tensorflow(files, tmp_path):
     """`predict` on images the cache has not seen, once the run's graph is converted: the network is not built
     (the taps are memoized, the engine runs the cached graph), so TensorFlow is never imported."""
-    proc = run_cli("fit", "--data", str(files[0].parents[1]), "--model", "vgg16", "--weights", "random",
-                   "--size", "32", "--layer", "block4_pool", "--head", "logreg", "--engine", "onnxruntime",
-                   "--extract", "--json", "-q", cache_dir=tmp_path, check=True)
-    run_id = json.loads(proc.stdout)["run_id"]
+    run_id = fit_run("--data", files[0].parents[1], *feats(32, "block4_pool"), "--head", "logreg", "--engine",
+                     "onnxruntime", "--extract", cache=tmp_path)["run_id"]
     new = tmp_path / "new.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(new)
     code = (
         "import sys\n"
         "from featurecache.predict import predict_files\n"
-        f"rows = predict_files([{str(new)!r}], {run_id!r}, {str(tmp_path)!r}, engine='onnxruntime')\n"
+        "from featurecache.settings import RunSettings\n"
+        f"rows = predict_files([{str(new)!r}], {run_id!r}, RunSettings({str(tmp_path)!r}, 'onnxruntime'))\n"
         "print(len(rows), 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-3:] == ["1", "False", "False"]
+    assert run_python(code).split()[-3:] == ["1", "False", "False"]
 
 
 def test_paths_bytes_and_arrays_of_one_image_give_one_vector(encoder, files):
@@ -109,19 +100,19 @@ def test_on_error_fails_or_skips_in_one_place(encoder, files, tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(FeatureCacheError, match="bad.png: not a readable image"):
         encoder.encode([str(files[0]), str(bad)])
-    skipping = make_encoder(SPEC, encoder.cache_dir, engine="tensorflow", on_error="skip")
+    skipping = make_encoder(SPEC, RunSettings(encoder.cache_dir, engine="tensorflow", on_error="skip"))
     out = skipping.encode([str(files[0]), str(bad), str(files[1])], keys=["a", "b", "c"])
     assert out.keys == ["a", "c"] and list(out.skipped) == ["b"] and "not a readable image" in out.skipped["b"]
     assert all(v.shape[0] == 2 for v in out.vectors.values())
 
 
 def test_encode_images_gives_one_array_per_tap(files, tmp_path):
-    out = encode_images([str(p) for p in files], SPEC, tmp_path, engine="tensorflow")
+    out = encode_images([str(p) for p in files], SPEC, RunSettings(tmp_path, engine="tensorflow"))
     assert {t: v.shape for t, v in out.items()} == {"block4_pool": (6, 512), "block5_pool": (6, 512)}
 
 
 def test_plan_skips_a_corrupt_image_under_on_error_skip(tmp_path):
-    from featurecache.plan import plan
+    from featurecache.plan import run_plan
 
     folder = tmp_path / "data"
     write_digit_folder(folder, 3)
@@ -129,8 +120,8 @@ def test_plan_skips_a_corrupt_image_under_on_error_skip(tmp_path):
     ds = load_dataset(str(folder))
     spec = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
     with pytest.raises(FeatureCacheError, match="zz-corrupt.png"):
-        plan(ds, spec, tmp_path / "cache", engine="tensorflow", probe=4)
-    out = plan(ds, spec, tmp_path / "cache", engine="tensorflow", probe=4, on_error="skip")
+        run_plan(ds, spec, RunSettings(tmp_path / "cache", engine="tensorflow"), probe=4)
+    out = run_plan(ds, spec, RunSettings(tmp_path / "cache", engine="tensorflow", on_error="skip"), probe=4)
     assert out["to_compute"] == 10 and out["measured_images_per_second"] > 0
     assert [Path(s["name"]).name for s in out["skipped"]] == ["zz-corrupt.png"]
     proc = run_cli("plan", "--data", folder, "--model", "vgg16", "--weights", "random", "--size", "32", "--engine",
@@ -197,6 +188,6 @@ def test_run_settings_check_themselves(tmp_path):
 def test_time_engines_measures_each_engine_asked_for(files, tmp_path):
     from featurecache.api import time_engines
 
-    out = time_engines(FeatureSpec("vgg16", "random", ("block3_pool",), size=32), [str(p) for p in files],
-                       engines=("tensorflow",), cache_dir=tmp_path, batch_size=4, rounds=1)
+    out = time_engines([str(p) for p in files], FeatureSpec("vgg16", "random", ("block3_pool",), size=32),
+                       RunSettings(tmp_path, batch_size=4), engines=("tensorflow",), rounds=1)
     assert list(out) == ["tensorflow"] and out["tensorflow"]["images_per_second"] > 0

@@ -141,10 +141,11 @@ def test_plan_shows_the_measured_table():
 @pytest.mark.skipif(not engines.installed("onnxruntime"), reason="onnxruntime not installed")
 def test_a_real_measurement_on_the_users_graph(tmp_path):
     """The real thing, small: vgg16 (random) at 32px to block1_pool on every installed engine."""
-    from featurecache.api import FeatureSpec, make_encoder
+    from featurecache.api import FeatureSpec, RunSettings, make_encoder
 
     said = []
-    enc = make_encoder(FeatureSpec("vgg16", "random", ("block1_pool",), size=32), tmp_path, "auto", log=said.append)
+    enc = make_encoder(FeatureSpec("vgg16", "random", ("block1_pool",), size=32),
+                       RunSettings(tmp_path, "auto", log=said.append))
     enc.measure = True
     x = np.zeros((2, 32, 32, 3), np.uint8)
     enc.encode_pixels(x)

@@ -7,14 +7,15 @@ import pytest
 
 from conftest import error_line, run_cli
 from featurecache import engines
-from featurecache.api import DataOptions, extract_dataset
-from featurecache.backbones import get_backbone, preprocess
+from featurecache.api import DataOptions, RunSettings, extract_dataset
+from featurecache.backbones import get_backbone
 from featurecache.backbones.weights import resolve_weights
 from featurecache.engines import onnx_export
 from featurecache.engines.graphs import Graph
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import FeatureSpec
-from featurecache.store import FeatureStore
+from featurecache.preprocessing import preprocess
+from featurecache.store import FeatureStore, relative_difference
 
 CONVERTED = [e for e in ("onnxruntime", "openvino") if engines.installed(e)]
 SPEC = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
@@ -65,7 +66,7 @@ def test_every_tap_matches_tensorflow(reference, engine):
     forward = engines.make_forward(engine, model, Graph(backbone.name, w.id, size, tuple(taps)), cache)
     got = forward(x)
     assert forward.engine == engine and len(got) == len(taps) > 10
-    worst = {t: float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)) for t, g, r in zip(taps, got, want)}
+    worst = {t: relative_difference(g, r) for t, g, r in zip(taps, got, want)}
     assert all(g.shape == r.shape for g, r in zip(got, want))
     bad = {t: e for t, e in worst.items() if e >= 1e-4}
     assert not bad, f"{engine}: max |diff| / feature scale over 1e-4 at {bad}"
@@ -78,18 +79,18 @@ def small():
 
 @pytest.mark.parametrize("engine", CONVERTED)
 def test_engine_shares_the_tensorflow_feature_set(small, tmp_path, engine):
-    _, tf = extract_dataset(small, SPEC, tmp_path, progress=False, engine="tensorflow")
+    _, tf = extract_dataset(small, SPEC, RunSettings(tmp_path, progress=False, engine="tensorflow"))
     assert tf.engine == "tensorflow" and tf.computed == 90
-    _, again = extract_dataset(small, SPEC, tmp_path, progress=False, engine=engine)
+    _, again = extract_dataset(small, SPEC, RunSettings(tmp_path, progress=False, engine=engine))
     assert again.cache_hit and again.sets[0]["id"] == tf.sets[0]["id"]  # no recompute: same key
 
     fresh = tmp_path / "fresh"
-    _, other = extract_dataset(small, SPEC, fresh, progress=False, engine=engine)
+    _, other = extract_dataset(small, SPEC, RunSettings(fresh, progress=False, engine=engine))
     assert other.engine == engine and other.sets[0]["id"] == tf.sets[0]["id"]
     ids = small.train.images.ids
     a = FeatureStore(tmp_path).get(tf.sets[0]["id"]).gather(ids)
     b = FeatureStore(fresh).get(other.sets[0]["id"]).gather(ids)
-    assert np.abs(a - b).max() / np.abs(a).max() < 1e-4
+    assert relative_difference(b, a) < 1e-4
 
 
 def test_conversion_happens_once_and_leaves_no_temporary_files(tmp_path, monkeypatch):
@@ -115,9 +116,9 @@ def test_int8_is_another_feature_set_calibrated_once(small, tmp_path, monkeypatc
     from featurecache.engines import int8
 
     calls = count_calls(monkeypatch, int8, "quantize")
-    _, f32 = extract_dataset(small, SPEC, tmp_path, progress=False)
+    _, f32 = extract_dataset(small, SPEC, RunSettings(tmp_path, progress=False))
     spec8 = FeatureSpec(**{**SPEC.__dict__, "precision": "int8"})
-    res8, q = extract_dataset(small, spec8, tmp_path, progress=False)
+    res8, q = extract_dataset(small, spec8, RunSettings(tmp_path, progress=False))
     assert not q.cache_hit and q.computed == 90 and q.sets[0]["id"] != f32.sets[0]["id"]
     assert res8.keys["block5_pool"]["precision"].startswith("int8-openvino-") and q.engine == "openvino"
     ids = small.train.images.ids
@@ -125,13 +126,14 @@ def test_int8_is_another_feature_set_calibrated_once(small, tmp_path, monkeypatc
     b = FeatureStore(tmp_path).get(q.sets[0]["id"]).gather(ids)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95 and not np.allclose(a, b)
     # The same int8 spec again: a cache hit, and no second calibration.
-    _, again = extract_dataset(small, spec8, tmp_path, progress=False)
+    _, again = extract_dataset(small, spec8, RunSettings(tmp_path, progress=False))
     assert again.cache_hit and calls["quantize"] == 1
     from featurecache.verify import verify
 
-    assert verify(FeatureStore(tmp_path).get(q.sets[0]["id"]), small, 4, tmp_path).ok  # recomputed on the int8 graph
+    fs = FeatureStore(tmp_path).get(q.sets[0]["id"])
+    assert verify(fs, small, RunSettings(tmp_path), 4).ok  # recomputed on the int8 graph
     with pytest.raises(FeatureCacheError, match="--engine onnxruntime: --precision int8 runs on openvino"):
-        extract_dataset(small, spec8, tmp_path, progress=False, engine="onnxruntime")
+        extract_dataset(small, spec8, RunSettings(tmp_path, progress=False, engine="onnxruntime"))
 
 
 @pytest.mark.skipif(not engines.installed("openvino"), reason="int8 runs on openvino")
@@ -141,11 +143,11 @@ def test_verify_checks_one_tap_of_an_int8_set_extracted_beside_others(small, tmp
     from featurecache.verify import verify
 
     spec8 = FeatureSpec("vgg16", "random", ("block4_pool", "block5_pool"), size=32, precision="int8")
-    _, q = extract_dataset(small, spec8, tmp_path, progress=False)
+    _, q = extract_dataset(small, spec8, RunSettings(tmp_path, progress=False))
     assert len(list((tmp_path / "engines").glob("*/int8-*.onnx"))) == 1
     for s in q.sets:
         fs = FeatureStore(tmp_path).get(s["id"])
-        report = verify(fs, small, 4, tmp_path)
+        report = verify(fs, small, RunSettings(tmp_path), 4)
         assert report.ok and any(n.startswith("recomputed 4 rows") for n in report.notes), report.line()
 
 

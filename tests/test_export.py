@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import error_line, run_cli
+from conftest import error_line, feats, fit_run, run_cli
+from featurecache.pooling import Pooling
+from featurecache.preprocessing import MODES
 
 pytest.importorskip("skl2onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -48,8 +50,7 @@ print(json.dumps({"scores": scores.tolist(), "label": label.tolist(), "label_nam
 
 
 def _fit(cache, kind):
-    proc = run_cli("fit", *DATA, *RUNS[kind], "--json", "-q", "--extract", cache_dir=cache, check=True)
-    return json.loads(proc.stdout)["run_id"]
+    return fit_run(*DATA, *RUNS[kind], "--extract", cache=cache)["run_id"]
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +145,7 @@ def test_check_feeds_the_file_the_pixels_featurecache_decoded(exported, tmp_path
             Image.fromarray(img.astype(np.uint8)).save(tmp_path / "photos" / f"c{c}" / f"{j}.jpg", quality=90)
     data = ["--data", tmp_path / "photos", "--size", "32", "--model", "vgg16", "--weights", "random",
             "--layer", "block4_pool", "--head", "linsvc"]
-    fit = json.loads(run_cli("fit", *data, "--json", "-q", "--extract", cache_dir=tmp_path / "cache",
-                             check=True).stdout)
+    fit = fit_run(*data, "--extract", cache=tmp_path / "cache")
     record = json.loads((tmp_path / "cache" / "runs" / fit["run_id"] / "run.json").read_text())
     assert record["feature_key"]["resize"] == "auto"
     run_cli("export", "--run", fit["run_id"], "-o", tmp_path / "m.onnx", cache_dir=tmp_path / "cache", check=True)
@@ -159,7 +159,7 @@ def test_check_feeds_the_file_the_pixels_featurecache_decoded(exported, tmp_path
 # ---- runs on several taps and on fit-time views: one map per tap, each pooled into its block ---------------
 
 # At 32px vgg16's block3_pool is 4x4x256 and block4_pool 2x2x512: max2x2 gives 1024 + 512 columns, read
-# from the stored flattened maps at fit time (views.py) and computed in the file from the maps.
+# from the stored flattened maps at fit time (pooling.py) and computed in the file from the maps.
 COMPOSED = {
     "taps_max2x2": ["--model", "vgg16", "--weights", "random", "--size", "32", "--layer", "block3_pool",
                     "--layer", "block4_pool", "--pool", "max2x2", "--head", "linsvc"],
@@ -173,8 +173,7 @@ def composed(exported):
     """The COMPOSED runs fitted in the shared cache (the maps stored once, by the first) and exported."""
     out = {}
     for kind, args in COMPOSED.items():
-        proc = run_cli("fit", *DATA, *args, "--json", "-q", "--extract", cache_dir=exported["cache"], check=True)
-        run_id = json.loads(proc.stdout)["run_id"]
+        run_id = fit_run(*DATA, *args, "--extract", cache=exported["cache"])["run_id"]
         path = exported["root"] / f"{kind}.onnx"
         run_cli("export", "--run", run_id, "-o", path, "--json", cache_dir=exported["cache"], check=True)
         record = json.loads((exported["cache"] / "runs" / run_id / "run.json").read_text())
@@ -295,9 +294,8 @@ needs_int8 = pytest.mark.skipif(importlib.util.find_spec("nncf") is None or impo
 @pytest.fixture(scope="module")
 def int8_run(exported):
     """A linsvc run on int8 features (vgg16 block4_pool, calibrated on the 60 training digits), exported."""
-    proc = run_cli("fit", *DATA, *RUNS["linsvc"], "--precision", "int8", "--json", "-q", "--extract",
-                   cache_dir=exported["cache"], check=True)
-    run_id = json.loads(proc.stdout)["run_id"]
+    run_id = fit_run(*DATA, *RUNS["linsvc"], "--precision", "int8", "--extract",
+                     cache=exported["cache"])["run_id"]
     path = exported["root"] / "int8.onnx"
     proc = run_cli("export", "--run", run_id, "-o", path, "--json", cache_dir=exported["cache"], check=True)
     return {"run_id": run_id, "path": path, "summary": json.loads(proc.stdout)}
@@ -363,10 +361,8 @@ INT8_COMPOSED = {
 def int8_composed(exported, int8_run):
     out = {}
     for kind, layers in INT8_COMPOSED.items():
-        proc = run_cli("fit", *DATA, "--model", "vgg16", "--weights", "random", "--size", "32", *layers, "--pool",
-                       "max2x2", "--head", "linsvc", "--precision", "int8", "--json", "-q", "--extract",
-                       cache_dir=exported["cache"], check=True)
-        run_id = json.loads(proc.stdout)["run_id"]
+        run_id = fit_run(*DATA, *feats(32), *layers, "--pool", "max2x2", "--head", "linsvc", "--precision", "int8",
+                         "--extract", cache=exported["cache"])["run_id"]
         path = exported["root"] / f"int8-{kind}.onnx"
         run_cli("export", "--run", run_id, "-o", path, cache_dir=exported["cache"], check=True)
         out[kind] = {"run_id": run_id, "path": path}
@@ -406,6 +402,7 @@ def test_every_head_converts(tmp_path, head, k, normalize, pca, options):
     from featurecache.export_runtime import session
     from featurecache.heads import make_pipeline, scores
     from featurecache.predict import label_rows
+    from featurecache.runs import Run
 
     rng = np.random.default_rng(1)
     x = np.abs(rng.normal(size=(90, 16))).astype(np.float32)
@@ -416,8 +413,8 @@ def test_every_head_converts(tmp_path, head, k, normalize, pca, options):
         warnings.simplefilter("ignore")
         pipe.fit(x.copy(), y)
     names = [f"class {c}" for c in range(k)]
-    record = {"run_id": "test", "head": head, "class_names": names, "feature_set": "none"}
-    model, kind, err, _ = export.head_part(record, pipe, 16, tmp_path)
+    run = Run("test", tmp_path, head=head, class_names=tuple(names), feature_set="none")
+    model, kind, err, _ = export.head_part(run, pipe, 16, tmp_path)
     path = tmp_path / "head.onnx"
     path.write_bytes(model.SerializeToString())
     new = np.abs(rng.normal(size=(40, 16))).astype(np.float32)
@@ -438,59 +435,50 @@ def test_exportable_heads_lists_every_registered_head():
 
 # ---- the hand-written glue, against featurecache's own numpy (no TensorFlow) ------------------------------
 
-@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "scale01", "none"])
-def test_preprocessing_glue_is_featurecache_preprocess(tmp_path, mode):
-    from featurecache.backbones import preprocess
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_preprocessing_glue_is_featurecache_preprocess(tmp_path, mode, size):
+    """Every declared mode: its ONNX form gives its numpy form's values, on odd and even images."""
     from featurecache.export_graph import preprocess_model
     from featurecache.export_runtime import session
+    from featurecache.preprocessing import preprocess
 
-    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     path = tmp_path / "pre.onnx"
-    path.write_bytes(preprocess_model(8, mode, "x").SerializeToString())
+    path.write_bytes(preprocess_model(size, mode, "x").SerializeToString())
     got = session(path).run(["x"], {"images": images})[0]
     np.testing.assert_allclose(got, preprocess(images, mode), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool", ["flatten", "avg", "max"])
-@pytest.mark.parametrize("shape", [(3, 2, 5), (7,)])
-def test_pooling_glue_is_featurecache_pool_maps(tmp_path, pool, shape):
-    """flatten must keep Keras's NHWC order: the order the cache stores and the head was fitted on."""
-    from featurecache.export_graph import FEATURES, pool_model
-    from featurecache.export_runtime import session
-    from featurecache.taps import pool_maps
-
-    maps = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32)
-    model, dims = pool_model([("tap", shape, pool)])
-    path = tmp_path / "pool.onnx"
-    path.write_bytes(model.SerializeToString())
-    got = session(path).run([FEATURES], {"tap": maps})[0]
-    want = pool_maps(maps, pool)
-    assert got.shape == want.shape == (4, dims)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+# every declared pooling on odd and even maps; a vector tap (7,) passes through the stored poolings only
+POOLED = [(str(p), shape) for p in Pooling.every() for shape in [(5, 7, 3), (4, 6, 2), (2, 3, 4), (3, 2, 5), (7,)]
+          if len(shape) == 3 or not p.is_view]
 
 
-@pytest.mark.parametrize("pool", ["max2x2", "avg2x2", "avg", "max", "grid1", "grid2", "grid3"])
-@pytest.mark.parametrize("shape", [(5, 7, 3), (4, 6, 2), (2, 3, 4)])
-def test_view_glue_is_featurecache_views(tmp_path, pool, shape):
-    """Fit-time views as featurecache.views.apply computes them from the stored flattened map: 2x2 windows
-    dropping odd edges, grid bins as PyTorch's adaptive pooling, (H, W, C) order."""
-    from featurecache import views
+@pytest.mark.parametrize("pool,shape", POOLED)
+def test_pooling_glue_is_featurecache_pooling(tmp_path, pool, shape):
+    """Every declared pooling (a new one is covered by being declared): its ONNX form gives the values of its
+    numpy form on the maps (what the encoder stores) and on stored flattened rows (a fit-time view), on odd
+    and even maps: 2x2 windows dropping odd edges, grid bins as PyTorch's adaptive pooling, and every
+    flatten in Keras's NHWC order, the order the cache stores and the head was fitted on."""
     from featurecache.export_graph import FEATURES, pool_model
     from featurecache.export_runtime import session
 
+    pooling = Pooling.parse(pool)
     maps = np.random.default_rng(1).normal(size=(4, *shape)).astype(np.float32)
     model, dims = pool_model([("tap", shape, pool)])
     path = tmp_path / "pool.onnx"
     path.write_bytes(model.SerializeToString())
     got = session(path).run([FEATURES], {"tap": maps})[0]
-    want = views.apply(maps.reshape(4, -1), shape, pool)
-    assert got.shape == want.shape == (4, dims)
+    want = pooling.maps(maps)
+    assert got.shape == want.shape == (4, dims) == (4, pooling.dims(shape))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(Pooling("flatten").maps(maps), maps.reshape(4, -1))  # NHWC rows, as stored
+    np.testing.assert_allclose(pooling.rows(maps.reshape(4, -1), shape), want, rtol=1e-6, atol=1e-6)
 
 
 def test_blocks_are_concatenated_in_order(tmp_path):
     """Several taps (one of them twice, as two blocks) in one pooling model: columns in the blocks' order."""
-    from featurecache import views
     from featurecache.export_graph import FEATURES, pool_model
     from featurecache.export_runtime import session
 
@@ -502,7 +490,7 @@ def test_blocks_are_concatenated_in_order(tmp_path):
     path.write_bytes(model.SerializeToString())
     got = session(path).run([FEATURES], {"a": a, "b": b})[0]
     maps = {"a": a, "b": b}
-    want = np.hstack([views.apply(maps[t].reshape(3, -1), s, p) for t, s, p in blocks])
+    want = np.hstack([Pooling(p).rows(maps[t].reshape(3, -1), s) for t, s, p in blocks])
     assert got.shape == want.shape == (3, dims) == (3, 2 * 2 * 3 + 2 * 2 * 2 + 3)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -532,6 +520,7 @@ def test_block_normaliser_converts(tmp_path):
 
     from featurecache import export
     from featurecache.heads import L2Normalizer, make_pipeline, scores
+    from featurecache.runs import Run
 
     if "blocks" not in inspect.signature(L2Normalizer).parameters:
         pytest.skip("L2Normalizer has no blocks here")
@@ -539,8 +528,8 @@ def test_block_normaliser_converts(tmp_path):
     x = np.abs(rng.normal(size=(60, 8))).astype(np.float32)
     x[:5, :3] = 0  # a block of norm zero stays zero
     pipe = make_pipeline("logreg").set_params(normalize=L2Normalizer(blocks=(3, 5))).fit(x.copy(), np.arange(60) % 3)
-    record = {"run_id": "test", "head": "logreg", "class_names": ["a", "b", "c"], "feature_set": "none"}
-    model, kind, err, _ = export.head_part(record, pipe, 8, tmp_path)
+    run = Run("test", tmp_path, head="logreg", class_names=("a", "b", "c"), feature_set="none")
+    model, kind, err, _ = export.head_part(run, pipe, 8, tmp_path)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         ["scores"], {"head/features": x})[0]
     np.testing.assert_allclose(got, scores(pipe, x.copy()).values, atol=1e-5)

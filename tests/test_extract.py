@@ -3,14 +3,12 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_line, run_cli, write_digit_folder
-from featurecache.api import DataOptions, dataset_features, extract_dataset
+from conftest import error_line, run_cli, run_python, write_digit_folder
+from featurecache.api import DataOptions, RunSettings, dataset_features, extract_dataset
 from featurecache.datasets import ArrayImages, Dataset, Split, load_dataset
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import FeatureSpec, resolve
@@ -25,18 +23,18 @@ def small():
 
 
 def test_extract_then_cache_hit_then_second_layer(small, cache):
-    _, s1 = extract_dataset(small, SPEC, cache, batch_size=32, progress=False)
+    _, s1 = extract_dataset(small, SPEC, RunSettings(cache, batch_size=32, progress=False))
     assert s1.computed == 90 and s1.sets[0]["dims"] == 512 and s1.size == 32 and s1.engine is not None
     assert len(FeatureStore(cache).get(s1.sets[0]["id"])) == 90
     default_size = resolve(FeatureSpec("vgg16", "random"), small.native_size(), cache)
     assert default_size.size == 32 and "upsizing to 32x32" in default_size.notices[0]
 
-    _, s2 = extract_dataset(small, SPEC, cache, batch_size=32, progress=False)
+    _, s2 = extract_dataset(small, SPEC, RunSettings(cache, batch_size=32, progress=False))
     assert s2.cache_hit and s2.computed == 0 and s2.sets[0]["reused"] == 90
     assert s2.engine is None  # nothing ran the network
 
     two_more = FeatureSpec("vgg16", "random", ("block5_pool", "block4_pool", "block3_pool"), size=32)
-    _, s3 = extract_dataset(small, two_more, cache, batch_size=32, progress=False)
+    _, s3 = extract_dataset(small, two_more, RunSettings(cache, batch_size=32, progress=False))
     by_layer = {s["layer"]: s for s in s3.sets}
     assert by_layer["block5_pool"]["computed"] == 0
     assert by_layer["block4_pool"]["computed"] == 90 and by_layer["block3_pool"]["computed"] == 90
@@ -49,7 +47,7 @@ def test_extract_then_cache_hit_then_second_layer(small, cache):
 def test_vectors_match_a_direct_keras_forward_pass(small, cache):
     import keras
 
-    _, x_train, _ = dataset_features(small, SPEC, cache, compute=True, progress=False)
+    _, x_train, _ = dataset_features(small, SPEC, RunSettings(cache, progress=False), compute=True)
     keras.utils.set_random_seed(0)
     model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     imgs = np.stack([np.repeat(np.repeat(small.train.images.load(i), 4, 0), 4, 1) for i in range(5)])
@@ -60,8 +58,8 @@ def test_vectors_match_a_direct_keras_forward_pass(small, cache):
 
 def test_batch_size_does_not_change_vectors_or_key(small, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    ra, sa = extract_dataset(small, SPEC, a, batch_size=7, progress=False)
-    rb, sb = extract_dataset(small, SPEC, b, batch_size=64, progress=False)
+    ra, sa = extract_dataset(small, SPEC, RunSettings(a, batch_size=7, progress=False))
+    rb, sb = extract_dataset(small, SPEC, RunSettings(b, batch_size=64, progress=False))
     assert ra.set_ids == rb.set_ids
     ids = small.train.images.ids
     va = FeatureStore(a).get(sa.sets[0]["id"]).gather(ids)
@@ -82,10 +80,10 @@ def test_every_key_part_makes_a_new_set(small, cache):
 def test_folder_that_gains_ten_images_computes_only_those(tmp_path, cache):
     write_digit_folder(tmp_path / "data", 10)
     spec = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
-    _, s1 = extract_dataset(load_dataset(str(tmp_path / "data")), spec, cache, progress=False)
+    _, s1 = extract_dataset(load_dataset(str(tmp_path / "data")), spec, RunSettings(cache, progress=False))
     assert s1.computed == 30
     write_digit_folder(tmp_path / "data", 5, classes=(0, 1), offset=10)
-    _, s2 = extract_dataset(load_dataset(str(tmp_path / "data")), spec, cache, progress=False)
+    _, s2 = extract_dataset(load_dataset(str(tmp_path / "data")), spec, RunSettings(cache, progress=False))
     assert s2.images == 40 and s2.computed == 10
 
 
@@ -111,24 +109,24 @@ def test_failed_run_keeps_finished_batches_and_resumes(small, cache, exc, expect
     source = FailsAt(small.train.images.array, 25, exc)  # in the third batch of 10
     ds = Dataset(small.name, small.class_names, Split(source, small.train.labels), small.test)
     with pytest.raises(expected[0], match=expected[1]):
-        extract_dataset(ds, SPEC, cache, batch_size=10, progress=False)
+        extract_dataset(ds, SPEC, RunSettings(cache, batch_size=10, progress=False))
     fs = FeatureStore(cache).get(resolve(SPEC, small.native_size(), cache).set_ids["block5_pool"])
     assert len(fs) == 20  # the two finished batches are stored
-    _, s = extract_dataset(ds, SPEC, cache, batch_size=10, progress=False)
+    _, s = extract_dataset(ds, SPEC, RunSettings(cache, batch_size=10, progress=False))
     assert s.computed == 70 and s.sets[0]["stored"] == 90 and s.sets[0]["reused"] == 20
 
 
 def test_fit_without_features_names_the_extract_command(small, cache):
     opts = DataOptions("digits", max_train=60, max_test=30)
     with pytest.raises(FeatureCacheError, match=r"run `featurecache extract --data digits .*--max-train 60"):
-        dataset_features(small, SPEC, cache, opts)
+        dataset_features(small, SPEC, RunSettings(cache), opts)
 
 
 def test_damaged_or_foreign_parts_are_named(small, tmp_path):
     cache = tmp_path / "c"
-    _, s = extract_dataset(small, SPEC, cache, progress=False)
+    _, s = extract_dataset(small, SPEC, RunSettings(cache, progress=False))
     other = FeatureSpec("vgg16", "random", ("block5_pool",), pool="avg", size=32)
-    _, s_other = extract_dataset(small, other, cache, progress=False)
+    _, s_other = extract_dataset(small, other, RunSettings(cache, progress=False))
     store = FeatureStore(cache)
     part = store.get(s.sets[0]["id"]).part_files()[0]
     foreign = store.get(s_other.sets[0]["id"]).folder / "part-99999999999999999999-1.h5"
@@ -142,16 +140,16 @@ def test_damaged_or_foreign_parts_are_named(small, tmp_path):
 
 
 def test_cache_hit_needs_no_tensorflow(small, cache):
-    extract_dataset(small, SPEC, cache, progress=False)
+    extract_dataset(small, SPEC, RunSettings(cache, progress=False))
     code = (
         "import sys, json; from pathlib import Path\n"
-        "from featurecache.api import DataOptions, extract_dataset\n"
+        "from featurecache.api import DataOptions, RunSettings, extract_dataset\n"
         "from featurecache.extract import FeatureSpec\n"
         f"ds = DataOptions('digits', max_train=60, max_test=30).load()\n"
-        f"_, s = extract_dataset(ds, FeatureSpec('vgg16', 'random', ('block5_pool',), size=32), Path({str(cache)!r}))\n"
+        "spec = FeatureSpec('vgg16', 'random', ('block5_pool',), size=32)\n"
+        f"_, s = extract_dataset(ds, spec, RunSettings(Path({str(cache)!r})))\n"
         "print(json.dumps([s.cache_hit, 'tensorflow' in sys.modules]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, False]
+    assert json.loads(run_python(code).strip().splitlines()[-1]) == [True, False]
 
 
 def test_cli_extract_json_and_cache_ls(cache):

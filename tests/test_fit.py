@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli, write_digit_folder
-from featurecache.api import DataOptions, dataset_features
+from conftest import FEATS, error_line, feats, fit_run, run_cli, write_digit_folder
+from featurecache.api import DataOptions, RunSettings, dataset_features
 from featurecache.extract import FeatureSpec
 from featurecache.runs import load_head
 
 HEADS = ("linsvc", "svc", "logreg", "mlp", "ridge", "sgd", "knn", "rf")
-FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +24,12 @@ def folder_cache(tmp_path_factory):
 
 
 def fit_json(data, cache, *args):
-    out = run_cli("fit", "--data", data, *FEATS, *args, "--json", cache_dir=cache, check=True).stdout
-    return json.loads(out)
+    return fit_run("--data", data, *FEATS, *args, cache=cache)
 
 
 # Built-in digits (10 classes, chance 10%), HED-VGG16 block3_pool codes at 32px (4,096-d): a real small task.
 DIGITS = ["--data", "digits", "--max-train", "400", "--max-test", "200"]
-DIGIT_FEATS = ["--model", "vgg16", "--weights", "hed-bsds", "--size", "32", "--layer", "block3_pool"]
+DIGIT_FEATS = feats(32, "block3_pool", weights="hed-bsds")
 # Test accuracy measured on these 200 images (2026-11-30, onnxruntime): linsvc .975, svc .98, logreg .94,
 # mlp .98, ridge .97, sgd .95, knn .96, rf .96. Floors sit 4-5 points below: a head that loses its options,
 # its seed or its normalisation falls through them; engine-level float noise does not.
@@ -74,16 +72,15 @@ def _head_facts(name, head, record, x_train, x_test):
         assert head.n_neighbors == 5 and head.n_samples_fit_ == n_train
     elif name == "rf":
         assert head.random_state == 0 and len(head.estimators_) == 100
-        assert record["metrics"]["train_accuracy"] == 1.0  # unpruned trees on 400 images: every one memorised
-    assert record["library"] == ("featurecache" if name == "linsvc" else "scikit-learn")
+        assert record.metrics["train_accuracy"] == 1.0  # unpruned trees on 400 images: every one memorised
+    assert record.library == ("featurecache" if name == "linsvc" else "scikit-learn")
 
 
 def test_every_head_fits_from_the_cache(digits_cache):
     cache, (x_train, y_train, x_test, y_test) = digits_cache
     runs = {}
     for head in HEADS:
-        r = json.loads(run_cli("fit", *DIGITS, *DIGIT_FEATS, "--head", head, "--json", cache_dir=cache,
-                               check=True).stdout)
+        r = fit_run(*DIGITS, *DIGIT_FEATS, "--head", head, cache=cache)
         assert r["head"] == head and r["fit_seconds"] >= 0 and r["dims"] == 4096
         assert (r["n_train"], r["n_test"]) == (400, 200)
         assert r["test_accuracy"] >= FLOORS[head], (head, r["test_accuracy"])
@@ -122,13 +119,13 @@ def test_predict_gives_the_labels_the_head_gives_cached_features(folder_cache, h
     record, pipeline = load_head(cache, r["run_id"])
     opts = DataOptions(str(data))
     ds = opts.load()
-    _, _, x_test = dataset_features(ds, FeatureSpec("vgg16", "random", size=32), cache, opts)
+    _, _, x_test = dataset_features(ds, FeatureSpec("vgg16", "random", size=32), RunSettings(cache), opts)
     # what the head itself says about the cached vectors, computed here without featurecache.heads.scores
     values = pipeline.predict_proba(x_test) if kind == "probability" else pipeline.decision_function(x_test)
     assert values.shape == (len(ds.test), 4)
-    names = [record["class_names"][c] for c in pipeline.classes_]
+    names = [record.class_names[c] for c in pipeline.classes_]
     want = [names[i] for i in values.argmax(axis=1)]
-    assert want == [record["class_names"][i] for i in pipeline.predict(x_test)]
+    assert want == [record.class_names[i] for i in pipeline.predict(x_test)]
     files = ds.test.images.paths
     out = run_cli("predict", "--run", r["run_id"], *files, "--format", "json", "--top", "2",
                   cache_dir=cache, check=True).stdout
@@ -225,3 +222,135 @@ def test_sweep_compares_on_validation_and_tests_only_the_chosen(tmp_path):
     ledger = run_cli("report", "--format", "csv", cache_dir=cache, check=True).stdout
     assert len(ledger.strip().splitlines()) == 1 + 1  # only the chosen configuration becomes a run
 
+
+
+def test_sweep_refits_with_the_run_settings_it_was_given(tmp_path):
+    """Issue 21: the chosen configuration's refit ran with cache_dir and engine only (batch size, the
+    on-error policy, the executor and --recompute-stale fell back to defaults). Each fit's run record says
+    which run settings it had, and the sweep's refit has the sweep's, an unreadable image left out."""
+    data, cache = tmp_path / "digits", tmp_path / "cache"
+    write_digit_folder(data, 12, classes=(0, 1, 2))
+    (data / "digit0" / "broken.png").write_text("not an image")
+    out = run_cli("sweep", "--data", data, "--model", "vgg16", "--weights", "random", "--layers", "block3_pool",
+                  "--sizes", "32", "--heads", "linsvc", "--engine", "onnxruntime", "--batch-size", "7",
+                  "--on-error", "skip", "--json", cache_dir=cache, check=True).stdout
+    chosen = json.loads(out)["chosen"]
+    record = json.loads((cache / "runs" / chosen["run_id"] / "run.json").read_text())
+    assert record["run_settings"] == {"engine": "onnxruntime", "batch_size": 7, "on_error": "skip",
+                                      "executor": "local", "recompute_stale": False}
+    assert record["n_train_images"] + record["n_test"] == 3 * 12  # the unreadable image left out
+
+
+def test_runs_that_differ_in_one_setting_get_different_report_lines(folder_cache):
+    """Issue 21: `report` printed one method (`vgg16/.../max2x2 64px + linsvc`) for two bf16 runs, one of them
+    with --augment hflip --tta, and nothing said bf16. Each run now describes itself from its record: the
+    report, `predict --format json` and the page (/runs, /info) give every setting that makes runs differ."""
+    from featurecache import runs
+
+    data, cache = folder_cache
+    fitted = {name: fit_json(data, cache, "--head", "linsvc", *args)["run_id"] for name, args in {
+        "base": [], "C": ["--C", "0.1"], "hflip": ["--augment", "hflip", "--extract"],
+        "tta": ["--augment", "hflip", "--tta", "--extract"]}.items()}
+    # the base run as it would be on bf16 features (this machine may lack bf16): saved by the real save path
+    base = runs.load(cache, fitted["base"])
+    for name in ("base", "hflip"):
+        record = json.loads((runs.runs_dir(cache) / fitted[name] / "run.json").read_text())
+        record["spec"]["precision"] = "bf16"
+        fitted[f"{name} bf16"] = f"{fitted[name]}-bf16"
+        runs.save_run(cache, fitted[f"{name} bf16"], load_head(cache, fitted[name])[1], record)
+
+    table = run_cli("report", "--format", "csv", cache_dir=cache, check=True).stdout
+    import csv
+    import io
+
+    method = {r["run_id"]: r["method"] for r in csv.DictReader(io.StringIO(table))}
+    lines = {name: method[run_id] for name, run_id in fitted.items()}
+    assert len(set(lines.values())) == len(lines), lines
+    assert all(line.startswith("vgg16/") and "+ linsvc" in line for line in lines.values())
+    assert "C=0.1" in lines["C"] and "C=" not in lines["base"]
+    assert "+hflip" in lines["hflip"] and "tta" not in lines["hflip"] and "+hflip tta" in lines["tta"]
+    assert "bf16" in lines["base bf16"] and "bf16" in lines["hflip bf16"] and "bf16" not in lines["base"]
+    assert f"{base.n_train} train rows" in lines["base"] and f"{2 * base.n_train} train rows" in lines["hflip"]
+
+    # `predict --format json` names the run and the same method; a run whose folder is gone still reports
+    image = sorted((data / "digit0").iterdir())[0]
+    rows = json.loads(run_cli("predict", "--run", fitted["C"], image, "--format", "json", cache_dir=cache,
+                              check=True).stdout)
+    assert rows[0]["run"] == fitted["C"] and rows[0]["method"] == lines["C"]
+    import shutil
+
+    shutil.rmtree(runs.runs_dir(cache) / fitted["base bf16"])
+    table = run_cli("report", "--format", "csv", cache_dir=cache, check=True).stdout
+    assert any(r["run_id"] == fitted["base bf16"] and "+ linsvc" in r["method"]  # from its ledger line
+               for r in csv.DictReader(io.StringIO(table)))
+
+
+def test_a_run_record_of_an_earlier_version_loads(tmp_path):
+    """Records saved before fit-time composition (one `layer`, no blocks, no run id, a spec without the later
+    fields) load as a Run: one block read as stored, the spec's defaults, the folder's name as the id."""
+    from featurecache import runs
+    from featurecache.compose import Block
+
+    folder = runs.runs_dir(tmp_path) / "20250101-000000-linsvc-abcd"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({
+        "data": "digits", "spec": {"model": "vgg16", "weights": "random", "pool": "avg", "size": None},
+        "size": 32, "layer": "block4_pool", "feature_set": "s1", "dims": 512, "head": "linsvc",
+        "head_options": {"C": 0.5}, "metrics": {"train_accuracy": 1.0, "test_accuracy": 0.9},
+        "class_names": ["a", "b"], "n_train": 10, "n_test": 4, "fit_seconds": 0.1}))
+    run = runs.load(tmp_path, folder.name)
+    spec = FeatureSpec("vgg16", "random", ("block4_pool",), "avg", 32)
+    assert run.id == folder.name and run.blocks == (Block("block4_pool", "avg", "avg", "s1", (), 512),)
+    assert run.spec == spec and run.asked_size is None and run.precision == "float32"
+    assert run.stored_specs() == {"avg": spec} and run.views == [""] and run.layers == ["block4_pool"]
+    assert run.describe().endswith("+ linsvc C=0.5; 10 train rows of digits") and "random weights" in run.describe()
+
+
+def test_head_settings_are_one_value_checked_against_the_registry():
+    from featurecache.errors import FeatureCacheError
+    from featurecache.settings import HeadSpec
+
+    spec = HeadSpec("svc", {"kernel": "rbf", "C": 0.5, "k": None}, augment=["hflip"], tta=True)
+    assert spec.options == (("C", 0.5), ("kernel", "rbf")) and spec.augment == ("hflip",)
+    assert hash(spec) == hash(HeadSpec("svc", (("kernel", "rbf"), ("C", 0.5)), augment=("hflip",), tta=True))
+    for kwargs, words in [(dict(head="boosting"), "unknown head 'boosting'"),
+                          (dict(head="linsvc", options={"kernel": "rbf"}), "--kernel does not apply"),
+                          (dict(head="svc", options={"C": -1}), "--C must be a positive number"),
+                          (dict(tta=True), "--tta averages over augmented views"),
+                          (dict(augment=("blur",)), "--augment blur"),
+                          (dict(normalize="l3"), "--normalize"),
+                          (dict(grid=("nonsense=1,2",)), "nonsense")]:
+        with pytest.raises(FeatureCacheError, match=words):
+            HeadSpec(**kwargs)
+
+
+def test_fit_and_sweep_take_values_and_their_flags_come_from_the_head_registry():
+    import inspect
+    import typing
+
+    import typer
+
+    from featurecache import fit, options, stream, sweep
+    from featurecache.cli import app
+    from featurecache.heads import HEADS, NORMALIZES, OPTIONS, option_flag
+
+    for entry in (fit.fit, sweep.sweep, stream.fit_streamed):
+        assert len(inspect.signature(entry).parameters) <= 5, entry
+    choices = {name: typing.get_args(typing.get_args(getattr(options, name))[0]) for name in ("HeadName", "Normalize")}
+    assert choices == {"HeadName": tuple(HEADS), "Normalize": NORMALIZES}
+    commands = typer.main.get_command(app).commands
+    params = {p.opts[0]: p for p in commands["fit"].params}
+    assert params["--head"].name == "head" and params["--normalize"].name == "normalize"
+    for name, option in OPTIONS.items():  # every option of the heads is a flag, seed excepted (--seed is shared)
+        if name != "seed":
+            assert option_flag(name) in params and option.help[1:] in params[option_flag(name)].help
+    sweep_params = {p.opts[0]: p for p in commands["sweep"].params}
+    assert all(h in sweep_params["--heads"].help for h in HEADS)
+
+
+def test_an_option_of_the_heads_reaches_its_estimator_from_the_command_line(folder_cache):
+    """--alpha is declared in heads/options.py only; fit's flag is made from that declaration."""
+    data, cache = folder_cache
+    r = fit_json(data, cache, "--head", "ridge", "--alpha", "2")
+    record = json.loads((cache / "runs" / r["run_id"] / "run.json").read_text())
+    assert record["head_options"] == {"alpha": 2.0} and record["head_params"]["head__alpha"] == "2.0"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featurecache import engines
-from featurecache.api import make_encoder
+from featurecache.api import RunSettings, make_encoder
 from featurecache.engines import choice
 from featurecache.errors import FeatureCacheError
 from featurecache.settings import FeatureSpec, Precision, resolve
@@ -50,8 +50,8 @@ def test_has_bf16_reads_the_cpu_flags(monkeypatch):
 @pytest.mark.skipif(not choice.has_bf16(), reason="this CPU has no AVX512_BF16 or AMX")
 def test_a_real_bf16_extraction_is_within_one_percent_of_float32(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    want = make_encoder(SPEC, tmp_path, "openvino").encode_pixels(x)["block4_pool"]
-    enc = make_encoder(FeatureSpec(**{**SPEC.__dict__, "precision": "bf16"}), tmp_path, "auto")
+    want = make_encoder(SPEC, RunSettings(tmp_path, engine="openvino")).encode_pixels(x)["block4_pool"]
+    enc = make_encoder(FeatureSpec(**{**SPEC.__dict__, "precision": "bf16"}), RunSettings(tmp_path, engine="auto"))
     got = enc.encode_pixels(x)["block4_pool"]
     assert enc.engine == "openvino"
     err = np.abs(got - want).max() / np.abs(want).max()
@@ -63,9 +63,10 @@ def test_a_real_bf16_extraction_is_within_one_percent_of_float32(tmp_path):
 def test_a_taps_int8_vectors_do_not_depend_on_the_other_taps_requested(tmp_path):
     """Each tap set has its own int8 graph (calibrated on the same images): block4_pool alone and block4_pool
     beside block5_pool (where its output also feeds block5's quantised convolutions) give the same vectors."""
-    from featurecache.backbones import get_backbone, preprocess
+    from featurecache.backbones import get_backbone
     from featurecache.backbones.build import build_model
     from featurecache.backbones.weights import resolve_weights
+    from featurecache.preprocessing import preprocess
     from featurecache.engines import make_forward
     from featurecache.engines.graphs import Graph
 
@@ -108,7 +109,7 @@ def test_plan_weighs_int8_on_the_evidence_at_hand(tmp_path):
     differ only in precision: their test accuracies and the difference in points."""
     import json
 
-    from conftest import run_cli
+    from conftest import fit_run, run_cli
 
     args = ["--data", "digits", "--max-train", "80", "--max-test", "40", "--model", "vgg16", "--weights", "random",
             "--layer", "block4_pool", "--engine", "openvino"]
@@ -117,9 +118,7 @@ def test_plan_weighs_int8_on_the_evidence_at_hand(tmp_path):
     assert "accuracy" not in row and "speed" not in row  # no int8 graph and no runs yet: nothing claimed
     acc = {}
     for p in ("float32", "int8"):
-        out = run_cli("fit", *args, "--precision", p, "--head", "linsvc", "--extract", "--json", "-q",
-                      cache_dir=tmp_path, check=True).stdout
-        acc[p] = json.loads(out)["test_accuracy"]
+        acc[p] = fit_run(*args, "--precision", p, "--head", "linsvc", "--extract", cache=tmp_path)["test_accuracy"]
     after = json.loads(run_cli("plan", *args, "--json", cache_dir=tmp_path, check=True).stdout)
     [row] = [p for p in after["precisions"] if p["precision"] == "int8"]
     assert row["speed"]["images_per_second"] > 0 and row["speed"]["float32"] > 0

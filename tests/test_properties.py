@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import ROOT
 from featurecache import images
-from featurecache.api import DataOptions, extract_dataset
+from featurecache.api import DataOptions, RunSettings, extract_dataset
 from featurecache.datasets import ArrayImages, Dataset, Split, load_dataset
 from featurecache.extract import FeatureSpec, resolve
 from featurecache.fingerprint import feature_key, key_id
@@ -101,8 +101,8 @@ def _reversed(ds: Dataset) -> Dataset:
 def test_file_order_and_batch_position_do_not_change_vectors_or_the_set(tmp_path):
     """One image at a time (batch size 1) the vectors are bit-identical whatever the order."""
     ds = DataOptions("digits", max_train=30, max_test=10).load()
-    ra, sa = extract_dataset(ds, SPEC, tmp_path / "a", batch_size=1, progress=False)
-    rb, sb = extract_dataset(_reversed(ds), SPEC, tmp_path / "b", batch_size=1, progress=False)
+    ra, sa = extract_dataset(ds, SPEC, RunSettings(tmp_path / "a", batch_size=1, progress=False))
+    rb, sb = extract_dataset(_reversed(ds), SPEC, RunSettings(tmp_path / "b", batch_size=1, progress=False))
     assert ra.set_ids == rb.set_ids
     ids = ds.train.images.ids + ds.test.images.ids
     va = FeatureStore(tmp_path / "a").get(sa.sets[0]["id"]).gather(ids)
@@ -116,7 +116,7 @@ def test_thread_count_does_not_change_the_set_and_barely_the_vectors(tmp_path):
     Both runs are pinned to TensorFlow, whose thread variables the child sets (auto would pick ONNX
     Runtime, which never reads them)."""
     ds = DataOptions("digits", max_train=20, max_test=10).load()
-    _, s = extract_dataset(ds, SPEC, tmp_path / "a", progress=False, engine="tensorflow")
+    _, s = extract_dataset(ds, SPEC, RunSettings(tmp_path / "a", progress=False, engine="tensorflow"))
     assert s.engine == "tensorflow"
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-m", "featurecache.cli", "extract", "--data", "digits", "--max-train", "20",

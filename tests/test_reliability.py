@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, error_line, run_cli, write_digit_folder
+from conftest import ROOT, error_line, feats, run_cli, write_digit_folder
 from featurecache import images
-from featurecache.api import DataOptions, dataset_features, extract_dataset
+from featurecache.api import DataOptions, RunSettings, dataset_features, extract_dataset
 from featurecache.datasets import load_dataset
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import FeatureSpec
@@ -33,7 +33,7 @@ from featurecache.store import FeatureStore
 from featurecache.verify import check_structure, verify
 
 SPEC = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
-FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32", "--layer", "block5_pool"]
+FEATS = feats(32, "block5_pool")
 SMALL = ["--data", "digits", "--max-train", "60", "--max-test", "30"]
 
 
@@ -161,7 +161,7 @@ FeatureStore(Path({str(tmp_path)!r})).open({key_id(key)!r}, {key!r}, 4)
 
 def test_parts_are_cut_by_rows_or_by_time(small, cache, monkeypatch):
     monkeypatch.setenv("FEATURECACHE_PART_ROWS", "25")
-    _, s = extract_dataset(small, SPEC, cache, batch_size=10, progress=False)
+    _, s = extract_dataset(small, SPEC, RunSettings(cache, batch_size=10, progress=False))
     fs = FeatureStore(cache).get(s.sets[0]["id"])
     assert [len(p.ids) for p in fs.parts()] == [30, 30, 30]  # cut at the first batch end past 25 rows
     assert fs.part_due(5, 31.0) and not fs.part_due(5, 1.0) and not fs.part_due(0, 99.0)
@@ -195,7 +195,7 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_every_finished_batch(cache):
 def three_parts(small, cache, monkeypatch):
     """A set of 90 digits in three parts of 30 rows, computed one image at a time (bit-exact reruns)."""
     monkeypatch.setenv("FEATURECACHE_PART_ROWS", "30")
-    _, s = extract_dataset(small, SPEC, cache, batch_size=1, progress=False)
+    _, s = extract_dataset(small, SPEC, RunSettings(cache, batch_size=1, progress=False))
     fs = FeatureStore(cache).get(s.sets[0]["id"])
     assert len(fs.part_files()) == 3
     return fs, fs.gather(all_ids(small))
@@ -212,7 +212,7 @@ def test_truncated_part_is_named_and_repair_recomputes_only_its_rows(small, cach
     assert f"cache repair {fs.id}" in error_line(proc)
     out = run_cli("cache", "repair", fs.id[:6], cache_dir=cache, check=True).stdout
     assert "moved 1 damaged part(s)" in out and (fs.folder / "damaged" / part.name).exists()
-    _, s = extract_dataset(small, SPEC, cache, batch_size=1, progress=False)
+    _, s = extract_dataset(small, SPEC, RunSettings(cache, batch_size=1, progress=False))
     assert s.computed == 30  # exactly the rows of the part set aside
     fs = FeatureStore(cache).get(fs.id)
     assert np.array_equal(fs.gather(all_ids(small)), before)
@@ -221,19 +221,19 @@ def test_truncated_part_is_named_and_repair_recomputes_only_its_rows(small, cach
 
 def test_verify_with_data_recomputes_rows_and_catches_wrong_vectors(small, cache, three_parts):
     fs, _ = three_parts
-    good = verify(fs, small, k=6, cache_dir=cache)
+    good = verify(fs, small, RunSettings(cache), 6)
     assert good.ok and "recomputed 6 rows" in good.line(), good.line()
     part = fs.part_files()[2]
     with h5py.File(part, "r+") as f:  # structurally perfect, but two images' vectors swapped
         feats = f["features"][()]
         f["features"][0], f["features"][1] = feats[1], feats[0]
     assert check_structure(fs)[0] == []  # the structure alone cannot see it
-    bad = verify(fs, small, k=90, cache_dir=cache)
+    bad = verify(fs, small, RunSettings(cache), 90)
     assert [p.part for p in bad.problems] == [part, part] and "differs from a fresh computation" in bad.line()
     args = ["--data", "digits", "--max-train", "60", "--max-test", "30", "--sample", "90"]
     proc = run_cli("cache", "repair", fs.id, *args, cache_dir=cache, check=True)
     assert "moved 1 damaged part(s)" in proc.stdout
-    extract_dataset(small, SPEC, cache, batch_size=1, progress=False)
+    extract_dataset(small, SPEC, RunSettings(cache, batch_size=1, progress=False))
     assert run_cli("cache", "verify", *args, cache_dir=cache, check=True).returncode == 0
 
 
@@ -246,7 +246,7 @@ def test_repair_cannot_fix_metadata_and_says_rm(small, cache, three_parts):
 
 # ---- concurrency -------------------------------------------------------------------------------
 def test_second_extract_waits_for_the_lock_and_says_so(small, cache):
-    extract_dataset(DataOptions("digits", max_train=40, max_test=20).load(), SPEC, cache, progress=False)
+    extract_dataset(DataOptions("digits", max_train=40, max_test=20).load(), SPEC, RunSettings(cache, progress=False))
     fs = FeatureStore(cache).all()[0]
     before, missing = len(fs), len(fs.missing(all_ids(small)))  # the subsets overlap only in part
     with fs.lock():
@@ -287,7 +287,7 @@ def test_two_extracts_at_once_with_overlapping_layers_do_not_deadlock(cache):
 
 
 def test_reading_one_set_while_another_process_extracts_another(small, cache):
-    _, s = extract_dataset(small, SPEC, cache, progress=False)
+    _, s = extract_dataset(small, SPEC, RunSettings(cache, progress=False))
     reader = FeatureStore(cache).get(s.sets[0]["id"])
     want = reader.gather(all_ids(small))
     child = Child("extract", *SMALL, *FEATS[:-2], "--layer", "block4_pool", "--batch-size", "5", cache_dir=cache,
@@ -386,7 +386,7 @@ def test_fail_mode_names_every_bad_file_before_building_the_model(messy, cache, 
 
     monkeypatch.setattr(build, "build_model", lambda *a: pytest.fail("built the model despite bad images"))
     with pytest.raises(FeatureCacheError) as e:
-        extract_dataset(load_dataset(str(messy)), SPEC, cache, progress=False)
+        extract_dataset(load_dataset(str(messy)), SPEC, RunSettings(cache, progress=False))
     msg = str(e.value)
     assert msg.startswith("5 unreadable image(s), nothing extracted") and "--on-error skip" in msg
     for name in BAD:
@@ -406,7 +406,7 @@ def test_skip_mode_leaves_bad_images_out_everywhere(messy, cache):
     text = run_cli("extract", "--data", messy, *FEATS, cache_dir=cache, check=True).stdout  # fail mode now
     assert "cache hit" in text and "skipped 5 unreadable image(s)" in text  # remembered, not retried
     ds = load_dataset(str(messy))
-    _, x_train, x_test = dataset_features(ds, SPEC, cache)
+    _, x_train, x_test = dataset_features(ds, SPEC, RunSettings(cache))
     names = [Path(ds.train.images.name(k)).name for k in range(len(ds.train))] + \
             [Path(ds.test.images.name(k)).name for k in range(len(ds.test))]
     assert not set(BAD) & set(names) and set(GOOD_ODD) <= set(names)
@@ -417,12 +417,12 @@ def test_skip_mode_leaves_bad_images_out_everywhere(messy, cache):
 def test_nothing_computed_is_lost_when_bad_images_appear(tmp_path, cache):
     folder = tmp_path / "data"
     write_digit_folder(folder, 6)
-    _, s = extract_dataset(load_dataset(str(folder)), SPEC, cache, progress=False)
+    _, s = extract_dataset(load_dataset(str(folder)), SPEC, RunSettings(cache, progress=False))
     write_odd_images(folder)
     with pytest.raises(FeatureCacheError, match="5 unreadable"):
-        extract_dataset(load_dataset(str(folder)), SPEC, cache, progress=False)
+        extract_dataset(load_dataset(str(folder)), SPEC, RunSettings(cache, progress=False))
     assert len(FeatureStore(cache).get(s.sets[0]["id"])) == 18
-    _, s2 = extract_dataset(load_dataset(str(folder)), SPEC, cache, progress=False, on_error="skip")
+    _, s2 = extract_dataset(load_dataset(str(folder)), SPEC, RunSettings(cache, progress=False, on_error="skip"))
     assert s2.computed == len(GOOD_ODD) and s2.sets[0]["stored"] == 18 + len(GOOD_ODD)
 
 
@@ -438,18 +438,18 @@ def test_image_that_breaks_after_the_check(tmp_path, cache, monkeypatch, on_erro
     ds = load_dataset(str(folder))
     if on_error == "fail":
         with pytest.raises(FeatureCacheError, match="zz-late.png: empty file"):
-            extract_dataset(ds, SPEC, cache, batch_size=2, progress=False)
+            extract_dataset(ds, SPEC, RunSettings(cache, batch_size=2, progress=False))
         fs = FeatureStore(cache).all()[0]
         assert len(fs) > 0  # batches before the bad image are kept
     else:
-        _, s = extract_dataset(ds, SPEC, cache, batch_size=2, progress=False, on_error="skip")
+        _, s = extract_dataset(ds, SPEC, RunSettings(cache, batch_size=2, progress=False, on_error="skip"))
         assert [Path(x["name"]).name for x in s.skipped] == ["zz-late.png"] and s.sets[0]["stored"] == 18
         assert list(FeatureStore(cache).all()[0].skipped().values())[0].endswith("replace it with an image")
 
 
 def test_on_error_value_is_checked(small, cache):
     with pytest.raises(FeatureCacheError, match="--on-error maybe: use fail or skip"):
-        extract_dataset(small, SPEC, cache, on_error="maybe")
+        extract_dataset(small, SPEC, RunSettings(cache, on_error="maybe"))
 
 
 # ---- saved heads --------------------------------------------------------------------------------

@@ -141,19 +141,19 @@ def test_images_and_shapes(tmp_path):
 def test_encoder_set_state_and_vectors_agree(tmp_path):
     """What the benchmarks read: a set's state after extraction, its vectors, and the encoder's for the same images."""
     from featurecache import bench
-    from featurecache.api import DataOptions, FeatureSpec, extract_dataset, make_encoder
+    from featurecache.api import DataOptions, FeatureSpec, RunSettings, extract_dataset, make_encoder
 
     cache = tmp_path / "cache"
     ds = DataOptions("digits", max_train=12, max_test=6).load()
     spec = FeatureSpec("vgg16", "random", ("block5_pool",), size=32)
-    res, _ = extract_dataset(ds, spec, cache, progress=False, engine="onnxruntime")
+    res, _ = extract_dataset(ds, spec, RunSettings(cache, progress=False, engine="onnxruntime"))
     set_id = res.set_ids["block5_pool"]
     ids = ds.train.images.ids + ds.test.images.ids
     state = bench.set_state(cache, set_id)
     assert state.ids == frozenset(ids) and state.rows == len(ids) and not state.problems and state.temp_files == 0
     assert bench.set_state(cache, "0" * 16) is None
     stored = bench.set_vectors(cache, set_id, ids)
-    enc = make_encoder(spec, cache, "onnxruntime")
+    enc = make_encoder(spec, RunSettings(cache, engine="onnxruntime"))
     pixels = enc.prepare([ds.train.images.load(k) for k in range(12)]).pixels
     vectors = enc.encode_pixels(pixels)["block5_pool"]
     assert enc.engine == "onnxruntime" and vectors.shape == (12, 512)

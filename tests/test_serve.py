@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import error_line, run_cli, serving, write_digit_folder
+from conftest import FEATS, error_line, fit_run, run_cli, serving, write_digit_folder
 from featurecache.images import content_hash
 
-FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32"]
 MAX_PIXELS = 10_000
 MAX_BODY_MB = 0.5
 
@@ -26,9 +25,7 @@ def server(tmp_path_factory):
     data, new, cache = root / "digits", root / "new", root / "cache"
     write_digit_folder(data, 12)
     new_files = write_digit_folder(new, 3, offset=12)
-    fit = run_cli("fit", "--data", data, *FEATS, "--head", "logreg", "--extract", "--json", "--quiet",
-                  cache_dir=cache, check=True)
-    run_id = json.loads(fit.stdout)["run_id"]
+    run_id = fit_run("--data", data, *FEATS, "--head", "logreg", "--extract", cache=cache)["run_id"]
     with serving(["--run", run_id, "--max-pixels", MAX_PIXELS, "--max-body-mb", MAX_BODY_MB,
                   "--max-wait-ms", "50"],  # room for concurrent requests to meet in one batch
                  cache, root / "server.log") as url:
@@ -122,6 +119,9 @@ def test_health_info_and_openapi(server):
     assert info["feature_set"]["id"] == record["feature_set"] and info["feature_set"]["key"]["model"] == "vgg16"
     assert info["metrics"]["test_accuracy"] == record["metrics"]["test_accuracy"]
     assert info["limits"]["max_pixels"] == MAX_PIXELS
+    from featurecache import runs
+
+    assert info["method"] == runs.load(server["cache"], server["run"]).describe()  # as `report` gives it
     body = httpx.get(f"{server['url']}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
     assert set(body["content"]) == {"multipart/form-data", "application/json"}
 

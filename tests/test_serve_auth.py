@@ -11,19 +11,17 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_line, run_cli, serving, write_digit_folder
+from conftest import FEATS, ROOT, error_line, fit_run, run_cli, serving, write_digit_folder
 from featurecache.images import content_hash
 from featurecache.store import FeatureStore
 from test_serve import png_bytes
 
-FEATS = ["--model", "vgg16", "--weights", "random", "--size", "32"]
 TOKEN = "test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def fit(data, cache, *args) -> str:
-    out = run_cli("fit", "--data", data, *FEATS, *args, "--extract", "--json", "--quiet", cache_dir=cache, check=True)
-    return json.loads(out.stdout)["run_id"]
+    return fit_run("--data", data, *FEATS, *args, "--extract", cache=cache)["run_id"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +81,7 @@ def test_runs_share_an_encoder_per_feature_set_and_run_picks_one(server):
     assert [(r["run"], r["default"], r["head"]) for r in listed] == \
            [(first, True, "logreg"), (second, False, "linsvc"), (third, False, "logreg")]
     assert listed[0]["set"] == listed[1]["set"] == set_of(server, first) != listed[2]["set"]
+    assert len({r["method"] for r in listed}) == 3 and "+ linsvc" in listed[1]["method"]  # each run's settings
     log = server["log"].read_text()
     assert log.count("warmed up") == 2  # two feature sets, two encoders: the linsvc run borrowed one
     assert f"head on the encoder and feature set {listed[0]['set']} of run {first} (loaded once)" in log

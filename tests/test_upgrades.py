@@ -102,3 +102,31 @@ def test_an_ordinary_hit_reads_no_other_set(small, cache, monkeypatch):
     hit = extract(small, cache, lines)
     assert hit.computed == 0 and calls == [] and lines == []
     assert not sidecars(cache, hit.sets[0]["id"], "checked")
+
+
+def test_the_cli_recompute_stale_flag_reaches_extraction(small, cache, monkeypatch):
+    """`featurecache extract --recompute-stale` through the real command (options -> RunSettings ->
+    extraction): a large stale set is recomputed, where without the flag its vectors stay in use."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from featurecache.cli import app
+
+    old = extract(small, cache, []).sets[0]["id"]
+    perturb(cache, old)
+    fake_pillow(monkeypatch)
+    monkeypatch.setenv(upgrades.SMALL_SET_ENV, "10")  # 36 rows count as large: only consent recomputes
+    args = ["extract", "--data", "digits", "--max-train", "24", "--max-test", "12", "--model", "vgg16",
+            "--weights", "random", "--layer", "block1_pool", "--pool", "avg", "--size", "32",
+            "--engine", "tensorflow", "--batch-size", "32", "--cache-dir", str(cache), "--json"]
+    runner = CliRunner()
+    kept = runner.invoke(app, args)
+    assert kept.exit_code == 0, kept.output
+    out = json.loads(kept.stdout)
+    assert out["computed"] == 0 and out["sets"][0]["id"] == old
+    redone = runner.invoke(app, [*args, "--recompute-stale"])
+    assert redone.exit_code == 0, redone.output
+    out = json.loads(redone.stdout)
+    assert out["computed"] == 36 and out["sets"][0]["id"] != old
+    assert out["sets"][0]["key"]["libraries"]["pillow"] == "99.0"

@@ -13,7 +13,7 @@ import os
 import httpx
 import pytest
 
-from conftest import ROOT, run_cli, serving, write_digit_folder
+from conftest import ROOT, feats, fit_run, serving, write_digit_folder
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "page-test-token"
@@ -64,9 +64,8 @@ def server(tmp_path_factory):
     data, new, cache = root / "digits", root / "new", root / "cache"
     write_digit_folder(data, 8, classes=range(10))
     new_files = write_digit_folder(new, 1, classes=range(10), offset=8)
-    fit = run_cli("fit", "--data", data, "--model", "vgg16", "--weights", "hed-bsds", "--layer", "block3_pool",
-                  "--size", "32", "--head", "logreg", "--extract", "--json", "--quiet", cache_dir=cache, check=True)
-    run_id = json.loads(fit.stdout)["run_id"]
+    run_id = fit_run("--data", data, *feats(32, "block3_pool", weights="hed-bsds"), "--head", "logreg", "--extract",
+                     cache=cache)["run_id"]
     with serving(["--run", run_id, "--token", TOKEN], cache, root / "server.log") as url:
         yield {"url": url, "run": run_id, "data": data, "new": new_files, "cache": cache, "root": root}
 
@@ -134,6 +133,9 @@ def test_the_page_asks_for_the_token_then_labels_uploads_as_predict_does(server,
     record = json.loads((server["cache"] / "runs" / server["run"] / "run.json").read_text())
     facts = browser.find_element(By.ID, "run-info").text
     assert server["run"] in facts and record["features"] in facts
+    from featurecache import runs
+
+    assert runs.load(server["cache"], server["run"]).describe() in facts  # the run's every setting, as `report`
     assert f"{100 * record['metrics']['test_accuracy']:.2f}%" in facts
     table = browser.find_element(By.CSS_SELECTOR, "table.confusion")
     assert len(table.find_elements(By.TAG_NAME, "tr")) == 1 + len(record["class_names"])

@@ -1,16 +1,15 @@
 """The backbones featurecache knows: one `Backbone` record each, and `build()` to make one.
 
 The records are plain data so the CLI can list models, check sizes and compute cache keys without
-importing TensorFlow (seconds of start-up a cache hit should not pay). Preprocessing is bound to the
-model here, as in `keras.applications`, but done in numpy outside the graph so every engine shares it.
+importing TensorFlow (seconds of start-up a cache hit should not pay). Each record names its
+preprocessing mode, as `keras.applications` binds one to each model; the modes themselves (numpy
+outside the graph, so every engine shares it, and their ONNX form) are in featurecache/preprocessing.py.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from ..errors import FeatureCacheError
 
@@ -30,7 +29,7 @@ class Backbone:
     name: str
     family: str
     keras_class: str | None  # attribute of keras.applications, or None for our own builders
-    preprocess: str  # caffe | tf | torch | none: see `preprocess`
+    preprocess: str  # caffe | tf | torch | none: a mode of featurecache.preprocessing.MODES
     min_size: int = 32
     default_size: int = 224
     default_layer: str | None = None  # None: the last layer of the headless model
@@ -65,6 +64,9 @@ def _k(name, family, cls, pre, min_size=32, size=224, layer=None, offline=(), st
 _VGG_STAGES = tuple(f"block{i}_pool" for i in range(1, 6))
 _LITE0_STAGES = ("block1a_project_bn", "block2b_add", "block3b_add", "block4c_add", "block5c_add",
                  "block6d_add", "block7a_project_bn", "top_activation")
+# EfficientNet-Lite0 is built with its ImageNet-1k classifier: its softmax output is one more tap
+# (`featurecache layers` lists it, every engine runs it), the one `featurecache classify` reads.
+LITE0_CLASSIFIER = "predictions"
 
 
 _EFF_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
@@ -103,39 +105,3 @@ def get_backbone(name: str) -> Backbone:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise FeatureCacheError(f"--model {name}: unknown model{hint}; valid: {', '.join(BACKBONES)}") from None
 
-
-# ---- preprocessing: the modes of keras.applications.imagenet_utils, in numpy ------------------
-
-_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-PREPROCESS_CHOICES = ("auto", "scale01")
-
-
-def preprocess(batch: np.ndarray, mode: str) -> np.ndarray:
-    """uint8 RGB (N, H, W, 3) -> float32 network input.
-
-    caffe: BGR minus the ImageNet mean (VGG, ResNet); tf: scaled to -1..1; torch: 0..1 then
-    standardised per channel (DenseNet); none: 0..255 as floats; scale01: divided by 255 (the
-    classic blog's setup, whatever the model).
-    """
-    x = batch.astype(np.float32)
-    if mode == "caffe":
-        return x[..., ::-1] - _CAFFE_MEAN_BGR
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "torch":
-        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
-    if mode == "scale01":
-        return x / 255.0
-    if mode == "none":
-        return x
-    raise FeatureCacheError(f"--preprocess {mode}: unknown; use one of {', '.join(PREPROCESS_CHOICES)}")
-
-
-def preprocess_mode(backbone: Backbone, option: str) -> str:
-    if option == "auto":
-        return backbone.preprocess
-    if option == "scale01":
-        return "scale01"
-    raise FeatureCacheError(f"--preprocess {option}: unknown; use one of {', '.join(PREPROCESS_CHOICES)}")

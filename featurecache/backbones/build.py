@@ -12,7 +12,8 @@ from .weights import Weights
 
 
 def build_model(backbone: Backbone, weights: Weights, size: int):
-    """The backbone without its classifier, input (size, size, 3), weights loaded, frozen."""
+    """The backbone without its classifier (EfficientNet-Lite0 keeps its own as a tap), input
+    (size, size, 3), weights loaded, frozen."""
     import keras
 
     backbone.check_size(size)
@@ -25,7 +26,9 @@ def build_model(backbone: Backbone, weights: Weights, size: int):
         from .efficientnet_lite import efficientnet_lite0
 
         path = weights.path if weights.kind == "file" else None
-        model = efficientnet_lite0(input_shape=shape, include_top=False, weights=path, seed=weights.seed)
+        # With its classifier: `predictions` (ImageNet softmax) is a tap like any other (featurecache
+        # classify reads it); a graph holds only the layers its taps reach, so other taps pay nothing.
+        model = efficientnet_lite0(input_shape=shape, include_top=True, weights=path, seed=weights.seed)
     else:
         model = _keras_application(keras, backbone, weights, shape)
         if weights.kind == "file":

@@ -22,6 +22,8 @@ import numpy as np
 from keras import layers
 
 from ..errors import FeatureCacheError
+from ..preprocessing import preprocess
+from . import LITE0_CLASSIFIER
 from .torch_pickle import load_state_dict
 
 PREPROCESS_MODE = "tf"
@@ -43,8 +45,9 @@ STEM_FILTERS, HEAD_FILTERS, NUM_CLASSES, DROPOUT = 32, 1280, 1000, 0.2
 
 
 def preprocess_input(x) -> np.ndarray:
-    """RGB 0..255 -> float32 -1..1, the reference's (x/255 - 0.5)/0.5."""
-    return np.asarray(x, dtype=np.float32) / 127.5 - 1.0
+    """RGB 0..255 -> float32 -1..1, the reference's (x/255 - 0.5)/0.5: featurecache's `tf` mode, whose one
+    home is featurecache.preprocessing (kept here in keras.applications' spelling for callers of this module)."""
+    return preprocess(np.asarray(x), PREPROCESS_MODE)
 
 
 def default_weights_path() -> Path:
@@ -155,7 +158,7 @@ def efficientnet_lite0(input_shape=(224, 224, 3), include_top=False, weights=Non
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(DROPOUT, seed=seeds.next(), name="top_dropout")(x)
         x = layers.Dense(NUM_CLASSES, activation=classifier_activation, kernel_initializer=seeds.dense(),
-                         name="predictions")(x)
+                         name=LITE0_CLASSIFIER)(x)
     model = keras.Model(inputs, x, name="efficientnet_lite0")
     if weights is not None:
         load_torch_weights(model, weights)
@@ -167,7 +170,7 @@ def efficientnet_lite0(input_shape=(224, 224, 3), include_top=False, weights=Non
 def torch_names() -> dict[str, str]:
     """Keras layer name -> the checkpoint's module prefix."""
     names = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head", "top_bn": "_bn1",
-             "predictions": "_fc"}
+             LITE0_CLASSIFIER: "_fc"}
     for i, (name, *_rest) in enumerate(_blocks()):
         for keras_suffix, torch_suffix in (("expand_conv", "_expand_conv"), ("expand_bn", "_bn0"),
                                            ("dwconv", "_depthwise_conv"), ("bn", "_bn1"),
@@ -213,7 +216,7 @@ def load_torch_weights(model: keras.Model, path) -> None:
 
 def _check_all_used(state, used, model, path) -> None:
     # A headless model has no use for the classifier; BN's step counter is training bookkeeping.
-    headless = "predictions" not in (layer.name for layer in model.layers)
+    headless = LITE0_CLASSIFIER not in (layer.name for layer in model.layers)
     done = used | ({"_fc.weight", "_fc.bias"} if headless else set())
     unused = [k for k in state if k not in done and not k.endswith(".num_batches_tracked")]
     if unused:

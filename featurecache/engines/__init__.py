@@ -21,10 +21,12 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FeatureCacheError
-from ..settings import BF16_ENGINE, INT8_ENGINE, PRECISIONS, Precision
+from ..settings import BF16_ENGINE, INT8_ENGINE, Precision
 from . import choice
 from .runtimes import threads  # noqa: F401  (every core this process may use)
 
+# The engines, declared once: --engine's choices (featurecache/options.py), `featurecache.toml`'s check of
+# them (config.py asks the option) and the API's defaults all read these.
 ENGINES = ("tensorflow", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto", *ENGINES)
 # Fastest first: in docs/BENCHMARKS.md (Engines), ONNX Runtime with one 1-thread stream per core beat
@@ -40,15 +42,9 @@ def installed(engine: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in _NEEDS[engine])
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise FeatureCacheError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
-    return precision
-
-
 def choose(engine: str, precision: str = "float32") -> str:
     """The engine that will run: `auto` resolved, an explicit choice checked (one line if unusable)."""
-    check_precision(precision)
+    Precision(precision)  # an unknown name fails here, in one line
     if engine not in ENGINE_CHOICES:
         raise FeatureCacheError(f"--engine {engine}: unknown; use one of {', '.join(ENGINE_CHOICES)}")
     if precision == "int8":
@@ -77,11 +73,6 @@ def choose(engine: str, precision: str = "float32") -> str:
         raise FeatureCacheError(f"--engine {engine}: not installed; run `pip install {_PIP[engine]}` "
                                 "or use --engine auto")
     return engine
-
-
-def precision_key(precision: str, calibration: str = "") -> str:
-    """The key's `precision` part (see settings.Precision, where it is spelt)."""
-    return Precision(check_precision(precision), calibration).key()
 
 
 @dataclass(frozen=True)

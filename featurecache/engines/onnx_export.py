@@ -63,7 +63,22 @@ def _activation(g: _Graph, name: str, x: str, act: str) -> str:
         return x
     if act == "relu":
         return g.node("Relu", [x], name)
+    if act == "softmax":
+        return g.node("Softmax", [x], name, axis=-1)
     raise Unsupported(f"activation {act}")
+
+
+def _dense(g: _Graph, layer, x: str) -> str:
+    """A classifier on a pooled vector (EfficientNet-Lite0's `predictions` tap): (N, in) @ (in, out) + b."""
+    if len(_shape(layer.input)) != 1:
+        raise Unsupported(f"Dense on a {len(_shape(layer.input))}-D input")
+    cfg, w = layer.get_config(), layer.get_weights()
+    ins = [x, g.const(f"{layer.name}/W", w[0].astype(np.float32))]
+    if cfg.get("use_bias"):
+        ins.append(g.const(f"{layer.name}/B", w[1].astype(np.float32)))
+    act = cfg.get("activation", "linear")
+    out = g.node("Gemm", ins, layer.name if act == "linear" else f"{layer.name}/gemm")
+    return _activation(g, layer.name, out, act)
 
 
 def _conv(g: _Graph, layer, x: str, depthwise: bool) -> str:
@@ -156,6 +171,10 @@ def _emit(g: _Graph, layer, ins: list[str]) -> str:
         return g.node("Flatten", [g.node("GlobalAveragePool", ins, f"{layer.name}/gap")], layer.name)
     if kind == "ZeroPadding2D":
         return _zero_pad(g, layer, ins[0])
+    if kind == "Dense":
+        return _dense(g, layer, ins[0])
+    if kind == "Dropout":  # an identity at inference, the only way featurecache runs a network
+        return g.node("Identity", ins, layer.name)
     if kind == "Add":
         out = ins[0]
         for k, other in enumerate(ins[1:], 1):

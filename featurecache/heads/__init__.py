@@ -18,23 +18,39 @@ Everything follows the scikit-learn estimator contract, so ``clone``, ``GridSear
 
 Saved runs pickle these classes by module path: runs saved before the package split refer to
 ``featurecache.heads.FastLinearSVC`` and ``featurecache.heads.L2Normalizer``, which is why they are
-imported here (and must stay importable from here).
+importable from here (and must stay so). They are imported on first use (``__getattr__``): the
+command line reads the registry to declare its choices, and scikit-learn is not worth importing for
+``--help``.
 """
 
 from __future__ import annotations
 
-from .linsvc import FastLinearSVC, squared_hinge_objective
-from .normalize import L2Normalizer
+import importlib
+
 from .options import OPTIONS, Option, option_flag
-from .registry import HEADS, Head, head_names, make_head, make_pipeline, with_seed
+from .registry import (HEADS, NORMALIZES, Head, check_head, head_names, make_head, make_pipeline,
+                       normalization, with_seed)
 from .tuning import Scores, averaged, check_train_labels, fit_pipeline, grid_search, parse_grid, resolve_grid, scores
+
+# Names whose modules import scikit-learn's estimator machinery: imported when first asked for.
+_LAZY = {"FastLinearSVC": "linsvc", "squared_hinge_objective": "linsvc", "L2Normalizer": "normalize"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HEADS",
+    "NORMALIZES",
     "OPTIONS",
     "Option",
     "option_flag",
     "Head",
+    "check_head",
+    "normalization",
     "FastLinearSVC",
     "L2Normalizer",
     "Scores",

@@ -119,29 +119,31 @@ def _boolean(name, value):
 
 @dataclass(frozen=True)
 class Option:
-    """A CLI option of the heads: its name, the estimator parameter it sets, its converter."""
+    """A CLI option of the heads: its name, the estimator parameter it sets, its converter, and the
+    type the command line reads it as (``featurecache.options`` makes ``fit``'s flags from these)."""
 
     name: str
     param: str | None  # None: handled by make_head itself (calibrate)
     convert: Callable[[str, Any], Any]
     help: str
+    kind: type = str  # float, int, bool (a switch) or str (the converter reads the text)
 
 
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
-        Option("C", "C", _positive_float, "inverse regularisation strength (larger = weaker)"),
+        Option("C", "C", _positive_float, "inverse regularisation strength (larger = weaker)", float),
         Option("kernel", "kernel", _choice("linear", "poly", "rbf", "sigmoid"), "SVC kernel"),
         Option("gamma", "gamma", _gamma, "RBF/poly/sigmoid kernel width: scale, auto or a number"),
         Option("hidden", "hidden_layer_sizes", _hidden, "MLP hidden layer sizes, e.g. 512,100"),
-        Option("max_iter", "max_iter", positive_int, "iteration limit of the solver"),
-        Option("seed", "random_state", _seed, "random seed (default 0: runs are reproducible)"),
-        Option("max_depth", "max_depth", positive_int, "maximum tree depth (default: unlimited)"),
-        Option("k", "n_neighbors", positive_int, "number of neighbours"),
-        Option("n_estimators", "n_estimators", positive_int, "number of trees"),
+        Option("max_iter", "max_iter", positive_int, "iteration limit of the solver", int),
+        Option("seed", "random_state", _seed, "random seed (default 0: runs are reproducible)", int),
+        Option("max_depth", "max_depth", positive_int, "maximum tree depth (default: unlimited)", int),
+        Option("k", "n_neighbors", positive_int, "number of neighbours", int),
+        Option("n_estimators", "n_estimators", positive_int, "number of trees", int),
         Option("alpha", "alpha", _positive_float,
-               "regularisation strength (larger = stronger); for ridge about 1/(2C)"),
+               "regularisation strength (larger = stronger); for ridge about 1/(2C)", float),
         Option("calibrate", None, _boolean,
-               "give probabilities: CalibratedClassifierCV(sigmoid, 3 folds, ensemble=False)"),
+               "give probabilities: CalibratedClassifierCV(sigmoid, 3 folds, ensemble=False)", bool),
     ]
 }

@@ -5,24 +5,33 @@ to know about it, so that nothing elsewhere tests a head's name: where the estim
 (imported on first use: listing the heads should not pay for importing every estimator module),
 which library implements it (recorded with every run), which CLI options apply, and whether it
 takes a seed. :func:`make_head` builds the estimator from the options the user set and
-:func:`make_pipeline` puts it behind a normalisation step (and an optional PCA).
+:func:`make_pipeline` puts it behind a normalisation step (and an optional PCA). :func:`check_head`
+checks a head's settings without building anything (``settings.HeadSpec`` calls it when built).
+
+Nothing here imports scikit-learn at import time: the command line reads the head names, options
+and normalisations from here to declare its choices, and must start without paying for it.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
-
-from sklearn.base import BaseEstimator
-from sklearn.pipeline import Pipeline
+from typing import TYPE_CHECKING, Any
 
 from featurecache.errors import FeatureCacheError
 
-from .normalize import L2Normalizer
 from .options import OPTIONS, Option, option_flag, positive_int
 
-__all__ = ["HEADS", "Head", "head_names", "make_head", "make_pipeline", "with_seed"]
+if TYPE_CHECKING:
+    from sklearn.base import BaseEstimator
+    from sklearn.pipeline import Pipeline
+
+__all__ = ["HEADS", "NORMALIZES", "Head", "check_head", "head_names", "make_head", "make_pipeline",
+           "normalization", "with_seed"]
+
+# Row scalings before the head (see make_pipeline); "auto" is made concrete per fit by `normalization`.
+NORMALIZES = ("auto", "l2", "l2-per-tap", "standard", "none")
+NORMALIZE_AUTO = {1: "l2"}  # one tap: whole-row unit norm; several: each tap first (l2-per-tap), see README
 
 _SEED_PARAM = OPTIONS["seed"].param
 
@@ -155,15 +164,13 @@ def check_option(head: Head, name: str, what: str | None = None) -> Option:
     return OPTIONS[name]
 
 
-def make_head(name: str, options: dict | None = None) -> BaseEstimator:
-    """The estimator for head ``name`` with the options the user set.
+def convert_options(head: Head, options: dict | None) -> tuple[dict[str, Any], bool]:
+    """(converted option values, calibrate) of the options the user set for ``head``.
 
-    ``options`` maps option names (see :data:`OPTIONS`) to values; ``None`` means "not set" and
-    ``calibrate=False`` is the same as not set. Values may be typed or strings (as from a command
-    line). An option that does not apply to the head, an unknown head or a bad value raises
-    :class:`FeatureCacheError` naming the culprit.
+    ``None`` means "not set" and ``calibrate=False`` is the same as not set. Values may be typed or
+    strings (as from a command line). An option that does not apply to the head or a bad value
+    raises :class:`FeatureCacheError` naming the culprit.
     """
-    head = get_head(name)
     values = {}
     calibrate = False
     for opt, raw in (options or {}).items():
@@ -177,6 +184,34 @@ def make_head(name: str, options: dict | None = None) -> BaseEstimator:
             calibrate = value
         else:
             values[opt] = value
+    return values, calibrate
+
+
+def normalization(normalize: str, taps: int) -> str:
+    """``auto`` made concrete for a fit of ``taps`` taps."""
+    return NORMALIZE_AUTO.get(taps, "l2-per-tap") if normalize == "auto" else normalize
+
+
+def check_head(name: str, options: dict | None = None, normalize: str = "auto", pca: int | None = None) -> None:
+    """FeatureCacheError naming the culprit unless head ``name`` exists and takes ``options`` (values
+    checked as :func:`make_head` reads them), ``normalize`` is one of :data:`NORMALIZES` and ``pca`` is
+    a positive integer."""
+    convert_options(get_head(name), options)
+    if normalize not in NORMALIZES:
+        raise FeatureCacheError(f"--normalize must be one of {', '.join(NORMALIZES)}, got {normalize!r}")
+    if pca is not None:
+        positive_int("pca", pca)
+
+
+def make_head(name: str, options: dict | None = None) -> BaseEstimator:
+    """The estimator for head ``name`` with the options the user set.
+
+    ``options`` maps option names (see :data:`OPTIONS`) to values (see :func:`convert_options`). An
+    option that does not apply to the head, an unknown head or a bad value raises
+    :class:`FeatureCacheError` naming the culprit.
+    """
+    head = get_head(name)
+    values, calibrate = convert_options(head, options)
     estimator = head.build(values)
     if calibrate:
         from sklearn.calibration import CalibratedClassifierCV
@@ -200,7 +235,10 @@ def make_pipeline(head_name: str, options: dict | None = None, normalize: str = 
     components (fitted on the train split), or None for no PCA.
     """
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from .normalize import L2Normalizer
 
     normalizers = {"l2": L2Normalizer, "l2-per-tap": lambda: L2Normalizer(blocks=tuple(blocks or ()) or None),
                    "standard": StandardScaler, "none": lambda: "passthrough"}

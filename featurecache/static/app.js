@@ -77,8 +77,7 @@ async function showRun() {
   const m = info.metrics || {};
   const facts = [
     ["run", run.run],
-    ["features", run.features],
-    ["head", info.head + (info.normalize ? `, ${info.normalize} rows` : "") + (info.pca ? `, PCA ${info.pca}` : "")],
+    ["method", run.method],
     ["test accuracy", pct(m.test_accuracy)],
     ["train accuracy", pct(m.train_accuracy)],
     ["classes", info.class_names.join(", ")],
