@@ -5,13 +5,16 @@ pure derivatives: removing one costs a conversion next time. Feature sets are ho
 they are pruned only with `--features`, and never one that a writer holds (its lock is tried
 without waiting; a held set is skipped and named). "Last use" is the newest of a folder's
 `.last_used` marker (touched when a graph is loaded or a set is read) and its files' times.
+
+Only what is provably featurecache's goes (engines.graphs.ours: a graph's marker or its meta.json); any other
+folder under engines/ is someone's, never touched, and reported as skipped. A graph a running process has
+in use (engines.graphs.hold) is skipped too. A read-only cache is refused in one line.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +67,28 @@ def _usage(folder: Path) -> tuple[int, float]:
     return size, newest
 
 
-def graphs(cache_dir: Path) -> list[Entry]:
+def _folders(cache_dir: Path) -> list[Path]:
     root = Path(cache_dir) / "engines"
+    return sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith("."))
+
+
+def graphs(cache_dir: Path) -> list[Entry]:
+    """The converted graphs: folders under engines/ that are provably featurecache's."""
+    from .engines.graphs import ours
+
     out = []
-    for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
-        size, used = _usage(folder)
-        out.append(Entry("graph", folder.name, folder, size, used))
+    for folder in _folders(cache_dir):
+        if ours(folder):
+            size, used = _usage(folder)
+            out.append(Entry("graph", folder.name, folder, size, used))
     return out
+
+
+def foreign(cache_dir: Path) -> list[Entry]:
+    """Folders under engines/ that featurecache did not make (a user's, another tool's): never pruned."""
+    from .engines.graphs import ours
+
+    return [Entry("folder", f.name, f, *_usage(f)) for f in _folders(cache_dir) if not ours(f)]
 
 
 def feature_sets(cache_dir: Path) -> list[Entry]:
@@ -100,11 +118,18 @@ def plan(cache_dir: Path, max_size: int | None, older_than: float | None, featur
 
 def prune(cache_dir: Path, max_size: int | None = None, older_than: float | None = None, features: bool = False,
           dry_run: bool = False) -> dict:
-    """Remove what `plan` picks; a feature set whose lock is held is skipped and named."""
-    from .store import FeatureStore
+    """Remove what `plan` picks; a feature set whose lock is held, a graph in use, and a folder that is not
+    featurecache's are skipped and named."""
+    from .engines.graphs import NOT_OURS, remove_leftovers, try_remove
+    from .store import FeatureStore, not_writable
 
     gone, kept = plan(cache_dir, max_size, older_than, features)
-    removed, skipped = [], []
+    if gone and not dry_run:
+        for folder in {e.folder.parent for e in gone}:
+            if not os.access(folder, os.W_OK):
+                raise not_writable(folder, f"prune {len(gone)} cache folder(s)")
+        remove_leftovers(Path(cache_dir) / "engines")
+    removed, skipped = [], [(e, NOT_OURS) for e in foreign(cache_dir)]
     for e in gone:
         if dry_run:
             removed.append(e)
@@ -113,11 +138,15 @@ def prune(cache_dir: Path, max_size: int | None = None, older_than: float | None
             if e.kind == "features":
                 FeatureStore(cache_dir).remove(e.id)  # refuses a set a writer holds
             else:
-                shutil.rmtree(e.folder)
+                why = try_remove(e.folder)  # refuses a graph a process has in use
+                if why:
+                    skipped.append((e, why))
+                    continue
         except FeatureCacheError as err:
             skipped.append((e, str(err)))
             continue
         removed.append(e)
+    ours = [e for e, _ in skipped if e.kind != "folder"]
     return {"removed": [e.as_dict() for e in removed], "freed_bytes": sum(e.bytes for e in removed),
             "skipped": [dict(e.as_dict(), reason=why) for e, why in skipped],
-            "kept_bytes": sum(e.bytes for e in kept) + sum(e.bytes for e, _ in skipped), "dry_run": dry_run}
+            "kept_bytes": sum(e.bytes for e in kept) + sum(e.bytes for e in ours), "dry_run": dry_run}

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from conftest import run_cli
+from featurecache.engines.graphs import OWNER
 from featurecache.fingerprint import key_id
 from featurecache.prune import parse_age, parse_size, plan
 from featurecache.store import FeatureStore
@@ -16,8 +17,9 @@ def _graph(cache, name: str, mb: float, age_days: float) -> None:
     folder = cache / "engines" / name
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(b"\0" * int(mb * 1e6))
+    (folder / OWNER).write_text("")  # a graph's marker: prune removes only folders it made
     then = time.time() - age_days * 86400
-    for p in (folder / "model.onnx", folder):
+    for p in (*folder.iterdir(), folder):
         os.utime(p, (then, then))
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import graphs
 from .onnx_export import INPUT, output_name
 
 CHUNK = 8  # images per stream request: measured best (or tied) among 8, 16, 32 for ONNX Runtime
@@ -49,7 +50,7 @@ def onnxruntime_forward(path, taps: list[str], streams: int | None = None, chunk
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "gpu" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), so, providers=providers)
+    session = graphs.load(path, lambda p: ort.InferenceSession(str(p), so, providers=providers))
     names = [output_name(t) for t in taps]
     pool = ThreadPoolExecutor(streams) if streams > 1 else None
 
@@ -88,7 +89,8 @@ def openvino_forward(path, taps: list[str], hint: str = "THROUGHPUT", streams: i
     graph and its outputs stay float32, the arithmetic is rounded to bfloat16)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(hint, streams, precision))
+    config = openvino_config(hint, streams, precision)
+    compiled = graphs.load(path, lambda p: ov.Core().compile_model(str(p), "CPU", config))
     outputs = [compiled.output(output_name(t)) for t in taps]
     requests = [compiled.create_infer_request()
                 for _ in range(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))]
