@@ -18,18 +18,18 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .datasets import Dataset
+from .data.datasets import Dataset
 from .engines import ENGINE_CHOICES, ENGINES  # noqa: F401  (public: the choice lists)
 from .errors import FeatureCacheError
-from .extract import Resolved, Summary, run_extract
-from .datasets import DataOptions  # noqa: F401  (public values)
-from .settings import (INT8_RECIPE, PRECISIONS, FeatureSpec, Precision, RunSettings, calibrated,  # noqa: F401
-                       default_cache_dir, default_engine, resolve, spec_args)
-from .store import FeatureStore
+from .extraction.extract import Resolved, Summary, run_extract
+from .data.datasets import DataOptions  # noqa: F401  (public values)
+from .settings import (INT8_RECIPE, PRECISIONS, FeatureSpec, Precision, RunSettings, calibrated, default_cache_dir,
+                       default_engine, resolve, spec_args)
+from .store.sets import FeatureStore
 
 
 def extract_dataset(ds: Dataset, spec: FeatureSpec, run: RunSettings) -> tuple[Resolved, Summary]:
-    """Store the vectors of both splits of `ds` (see featurecache.extract.run_extract)."""
+    """Store the vectors of both splits of `ds` (see featurecache.extraction.extract.run_extract)."""
     return run_extract([ds.train.images, ds.test.images], spec, run, ds.native_size())
 
 
@@ -91,14 +91,14 @@ def load_features(data: str = "digits", model: str = "vgg16", weights: str = "he
 
 def make_encoder(spec: FeatureSpec, run: RunSettings | None = None, native_size: int | None = None,
                  train_ids: list[str] | None = None):
-    """The encoder of `spec` (featurecache.encoder.Encoder): images -> {tap: vectors}, nothing stored.
+    """The encoder of `spec` (featurecache.encoding.encoder.Encoder): images -> {tap: vectors}, nothing stored.
 
     run: where the cache is, which engine runs the network, the on-error policy and the log (default:
     RunSettings(default_cache_dir())); native_size: the images' side when spec.size is None; train_ids:
     the training images' ids an int8 spec calibrates on (its graph must then be in the cache already, as
     `extract --precision int8` leaves it). The network is built on first use.
     """
-    from .encoder import Encoder
+    from .encoding.encoder import Encoder
     from .engines import choose
 
     run = run or RunSettings(default_cache_dir())
@@ -151,11 +151,11 @@ def time_engines(images, spec: FeatureSpec, run: RunSettings | None = None, engi
 
 
 def extract_views(ds: Dataset, spec: FeatureSpec, run: RunSettings, views, test_too: bool = False) -> list[Summary]:
-    """Store the vectors of augmented views (featurecache/augment.py) of the training images, and of the
+    """Store the vectors of augmented views (featurecache/data/augment.py) of the training images, and of the
     test images only when `test_too` (test-time augmentation): views never reach test rows otherwise."""
     from dataclasses import replace
 
-    from . import augment
+    from .data import augment
 
     sources = [ds.train.images, ds.test.images] if test_too else [ds.train.images]
     return [run_extract(sources, replace(spec, view=v), run, ds.native_size())[1] for v in augment.check(views)]

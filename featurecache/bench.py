@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import confusion_png, lines_png, scatter_png
-from .runs import evaluate
-from .prune import parse_size
-from .store import write_atomic
-from .sweep import plot as plot_by_layer
-from .sweep import recommend
+from .runs.plots import confusion_png, lines_png, scatter_png
+from .runs.record import evaluate
+from .store.prune import parse_size
+from .store.sets import write_atomic
+from .runs.sweep import plot as plot_by_layer
+from .runs.sweep import recommend
 
 __all__ = ["CliRun", "SetState", "check_file", "cpu_model", "parse_size", "confusion_png", "conv_flops", "decode_file", "evaluate",
            "lines_png", "noise_pngs", "plot_by_layer", "predict_files", "recommend", "run_cli", "run_encoder",
@@ -136,14 +136,14 @@ def noise_pngs(n: int, size: int, seed: int = 0) -> list[bytes]:
 
 def decode_file(path: Path) -> np.ndarray:
     """An image file as extraction decodes it: RGB uint8 at its own size (FeatureCacheError if unreadable)."""
-    from .images import load_file
+    from .encoding.images import load_file
 
     return load_file(Path(path))
 
 
 def check_file(path: Path) -> None:
     """The up-front check `extract --on-error fail` runs on files still to compute (FeatureCacheError if bad)."""
-    from .images import check_file as check
+    from .encoding.images import check_file as check
 
     check(Path(path))
 
@@ -151,7 +151,7 @@ def check_file(path: Path) -> None:
 def tap_shapes(model: str, size: int, cache_dir: Path | None = None) -> dict[str, tuple[int, ...]]:
     """``{tap: output shape}`` of ``model`` at ``size`` px, in network order (what `featurecache layers` lists)."""
     from .backbones import get_backbone
-    from .taps import catalogue
+    from .encoding.taps import catalogue
 
     return {t.name: tuple(t.shape) for t in catalogue(get_backbone(model), size, cache_dir)}
 
@@ -168,8 +168,8 @@ class SetState:
 def set_state(cache_dir: Path, set_id: str) -> SetState | None:
     """The set's state (None if it does not exist yet). Gathers every stored row, so it also proves
     that every visible part opens and reads."""
-    from .store import FeatureStore
-    from .verify import check_structure
+    from .store.sets import FeatureStore
+    from .extraction.verify import check_structure
 
     fs = FeatureStore(Path(cache_dir)).get(set_id)
     if fs is None:
@@ -184,7 +184,7 @@ def set_state(cache_dir: Path, set_id: str) -> SetState | None:
 def set_vectors(cache_dir: Path, set_id: str, ids: list[str]) -> np.ndarray:
     """The stored vectors of ``ids`` (rows in that order) from feature set ``set_id``."""
     from .errors import FeatureCacheError
-    from .store import FeatureStore
+    from .store.sets import FeatureStore
 
     fs = FeatureStore(Path(cache_dir)).get(set_id)
     if fs is None:
@@ -196,7 +196,7 @@ def run_encoder(run_id: str, cache_dir: Path, engine: str | None = None):
     """The encoder of a fitted run's features (its model, tap, size and options), as `serve` builds it:
     :func:`featurecache.api.make_encoder` of the run's recorded feature settings."""
     from .api import make_encoder
-    from .runs import load
+    from .runs.record import load
     from .settings import RunSettings, default_engine
 
     run = RunSettings(Path(cache_dir), engine or default_engine())
@@ -228,7 +228,7 @@ def predict_files(paths: list[Path], run_id: str, cache_dir: Path, engine: str |
     """`featurecache predict` in this process (warm after the first call): one row per file with its label,
     score, score kind and top classes, exactly as the command's --format json prints them."""
     from .api import default_engine
-    from .predict import predict_files as predict
+    from .runs.predict import predict_files as predict
     from .settings import RunSettings
 
     settings = RunSettings(Path(cache_dir), engine or default_engine(), batch_size, False, log=lambda m: None)
@@ -246,7 +246,7 @@ def store_write_rate(cache_dir: Path, dims: int, rows: int = 20000, batch: int =
     """Vectors per second the driver of an extraction can store: batches of `batch` float32 vectors of
     `dims` appended to a fresh feature set under its lock, cut into parts as extraction cuts them (each
     written, fsynced and renamed). The ceiling of a cluster run, whose only writer is its driver."""
-    from .store import FeatureStore
+    from .store.sets import FeatureStore
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((batch, dims)).astype(np.float32)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images as imagelib
+from .encoding import images as imagelib
 from .backbones import LITE0_CLASSIFIER
-from .encoder import Encoder, EncoderDescription
+from .encoding.encoder import Encoder, EncoderDescription
 from .errors import FeatureCacheError
-from .imagenet_classes import IMAGENET_CLASSES
+from .backbones.imagenet_classes import IMAGENET_CLASSES
 from .settings import FeatureSpec, RunSettings, default_cache_dir
 
 # The backbones whose classifier is a tap (model -> tap), with the weights that make its classes mean something.

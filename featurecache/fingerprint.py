@@ -17,7 +17,7 @@ FORMAT = 1
 
 def feature_key(model: str, weights_id: str, layer: str, pool: str, size: int, resize: str,
                 preprocess: str, dtype: str = "float32", precision: str = "fp32", view: str = "") -> dict:
-    """`view`: an augmented view (featurecache/augment.py); absent from the key of the images themselves,
+    """`view`: an augmented view (featurecache/data/augment.py); absent from the key of the images themselves,
     so sets made before views existed keep their ids."""
     parts = {
         "format": FORMAT,

@@ -13,18 +13,18 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import images as imagelib
+from .encoding import images as imagelib
 from .backbones import Backbone, get_backbone
 from .backbones.weights import Weights, resolve_weights
 from .errors import FeatureCacheError
 from .fingerprint import feature_key, key_id
-from .preprocessing import preprocess_mode
+from .encoding.preprocessing import preprocess_mode
 
-# Choice lists, declared once: the CLI's options (featurecache/options.py) and so `featurecache.toml`'s
+# Choice lists, declared once: the CLI's options (featurecache/cli/options.py) and so `featurecache.toml`'s
 # checks (config.py asks the options) take them from here; the engines' is engines.ENGINES.
 RESIZES = imagelib.RESIZES  # auto | nearest | bilinear
 ON_ERROR = ("fail", "skip")  # unreadable images
-EXECUTORS = ("local", "ray")  # where batches are encoded (featurecache/cluster.py for ray)
+EXECUTORS = ("local", "ray")  # where batches are encoded (featurecache/extraction/cluster.py for ray)
 PRECISIONS = ("float32", "bf16", "int8")
 INT8_ENGINE = "openvino"  # nncf's post-training quantisation targets OpenVINO's int8 kernels
 BF16_ENGINE = "openvino"  # its CPU plugin runs bf16 through oneDNN's AVX512_BF16/AMX kernels
@@ -92,7 +92,7 @@ class FeatureSpec:
     seed: int = 0  # of random weights
     precision: str = "float32"  # one of PRECISIONS, each a feature set of its own; `resolve` makes it a Precision
     calibration: str = ""  # int8 only: id of the training-image sample it was calibrated on (`calibrated`)
-    view: str = ""  # an augmented view of the images (featurecache/augment.py): a set of its own
+    view: str = ""  # an augmented view of the images (featurecache/data/augment.py): a set of its own
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class RunSettings:
     log: object = field(default=None, compare=False, repr=False)  # callable(str); None: stderr
     executor: str = "local"  # one of EXECUTORS: where batches are encoded
     cluster: object = None  # executor "ray": cluster.ClusterSettings (None: a local Ray for the run)
-    recompute_stale: bool = False  # a set stale under new library versions: recompute it (featurecache/upgrades.py)
+    recompute_stale: bool = False  # a set stale under new library versions: recompute it (featurecache/store/upgrades.py)
 
     def __post_init__(self):
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -213,8 +213,8 @@ def input_size(backbone: Backbone, size: int | None, native_size: int | None) ->
 
 def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Resolved:
     """Everything needed for a cache lookup, without importing TensorFlow."""
-    from .pooling import check_stored
-    from .taps import default_layer
+    from .encoding.pooling import check_stored
+    from .encoding.taps import default_layer
 
     backbone = get_backbone(spec.model)
     check_stored(spec.pool)
@@ -241,7 +241,7 @@ def resolve(spec: FeatureSpec, native_size: int | None, cache_dir: Path) -> Reso
     pinned = replace(spec, resize=resize, size=size, layers=tuple(layers))
     res = Resolved(backbone, weights, size, mode, spec.pool, resize, tuple(layers), precision, pinned, tuple(notices))
     res = res.with_sets({layer: res.key(layer) for layer in layers})
-    from .upgrades import adopt
+    from .store.upgrades import adopt
 
     return adopt(res, cache_dir)  # a miss: a set made with other library versions, otherwise the same, stands in
 
@@ -280,13 +280,13 @@ class HeadSpec:
     normalize: str = "auto"  # heads.NORMALIZES; auto: l2 for one tap, l2-per-tap for several
     pca: int | None = None
     grid: tuple[str, ...] = ()  # "C=0.01,0.1,1": a cross-validated search on the train split
-    augment: tuple[str, ...] = ()  # views of featurecache/augment.py
+    augment: tuple[str, ...] = ()  # views of featurecache/data/augment.py
     tta: bool = False
-    max_memory: int | None = None  # bytes; None: 3/4 of this machine's memory (featurecache/stream.py)
+    max_memory: int | None = None  # bytes; None: 3/4 of this machine's memory (featurecache/runs/stream.py)
     notes: str = ""
 
     def __post_init__(self):
-        from . import augment
+        from .data import augment
         from .heads import check_head, parse_grid
 
         pairs = self.options.items() if isinstance(self.options, dict) else self.options

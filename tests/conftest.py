@@ -125,7 +125,7 @@ def write_cifar_archive(root: Path, per_batch: int = 10) -> tuple[Path, Path, di
     import pickle
     import tarfile
 
-    from featurecache.datasets import CIFAR10_CLASSES
+    from featurecache.data.datasets import CIFAR10_CLASSES
 
     def batch(seed):
         rng = np.random.default_rng(seed)
@@ -153,8 +153,8 @@ def fashion_small(tmp_path_factory):
     """Fashion-MNIST, 3,000 train / 1,000 test, with a session cache holding its HED-VGG16 block3_pool codes at
     32px (4,096-d), shared by the real-data tests. Skips where Debian's dataset-fashion-mnist is missing."""
     from featurecache.api import DataOptions, RunSettings, dataset_features
-    from featurecache.datasets import FASHION_MNIST_DIR
-    from featurecache.extract import FeatureSpec
+    from featurecache.data.datasets import FASHION_MNIST_DIR
+    from featurecache.extraction.extract import FeatureSpec
 
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip(f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist")

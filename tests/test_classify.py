@@ -1,5 +1,5 @@
 """`featurecache classify`: EfficientNet-Lite0's ImageNet classifier read as a tap, through the encoder and its
-engines (tests/test_efficientnet_lite.py holds the known answers through the Python face)."""
+engines (tests/backbones/test_efficientnet_lite.py holds the known answers through the Python face)."""
 
 import numpy as np
 import pytest

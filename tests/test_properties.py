@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import ROOT
-from featurecache import images
+from featurecache.encoding import images
 from featurecache.api import DataOptions, RunSettings, extract_dataset
-from featurecache.datasets import ArrayImages, Dataset, Split, load_dataset
-from featurecache.extract import FeatureSpec, resolve
+from featurecache.data.datasets import ArrayImages, Dataset, Split, load_dataset
+from featurecache.extraction.extract import FeatureSpec, resolve
 from featurecache.fingerprint import feature_key, key_id
-from featurecache.store import FeatureStore
+from featurecache.store.sets import FeatureStore
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, write_cifar_archive
-from featurecache.datasets import FASHION_MNIST_DIR
+from featurecache.data.datasets import FASHION_MNIST_DIR
 
 
 def _script(name):

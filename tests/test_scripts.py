@@ -73,11 +73,11 @@ def test_every_name_a_script_imports_from_featurecache_exists(path):
 def test_the_rule_catches_what_it_forbids(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import x\n"
-                   "def f():\n    from featurecache.extract import forward_fn\n    from featurecache import store\n"
+                   "def f():\n    from featurecache.extraction.extract import forward_fn\n    from featurecache import store\n"
                    "import tests.conftest\n")
     found = _violations(bad)
     assert any("sys.path" in v for v in found) and any("conftest" in v for v in found)
-    assert "imports featurecache.extract (not public)" in found and "imports featurecache.store (not public)" in found
+    assert "imports featurecache.extraction.extract (not public)" in found and "imports featurecache.store.sets (not public)" in found
     assert "imports tests.conftest" in found
     good = tmp_path / "good.py"
     good.write_text("from featurecache import bench, heads\nfrom featurecache.api import load_features\n"

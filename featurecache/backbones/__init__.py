@@ -3,7 +3,7 @@
 The records are plain data so the CLI can list models, check sizes and compute cache keys without
 importing TensorFlow (seconds of start-up a cache hit should not pay). Each record names its
 preprocessing mode, as `keras.applications` binds one to each model; the modes themselves (numpy
-outside the graph, so every engine shares it, and their ONNX form) are in featurecache/preprocessing.py.
+outside the graph, so every engine shares it, and their ONNX form) are in featurecache/encoding/preprocessing.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Backbone:
     name: str
     family: str
     keras_class: str | None  # attribute of keras.applications, or None for our own builders
-    preprocess: str  # caffe | tf | torch | none: a mode of featurecache.preprocessing.MODES
+    preprocess: str  # caffe | tf | torch | none: a mode of featurecache.encoding.preprocessing.MODES
     min_size: int = 32
     default_size: int = 224
     default_layer: str | None = None  # None: the last layer of the headless model

@@ -22,7 +22,7 @@ import numpy as np
 from keras import layers
 
 from ..errors import FeatureCacheError
-from ..preprocessing import preprocess
+from ..encoding.preprocessing import preprocess
 from . import LITE0_CLASSIFIER
 from .torch_pickle import load_state_dict
 
@@ -46,7 +46,7 @@ STEM_FILTERS, HEAD_FILTERS, NUM_CLASSES, DROPOUT = 32, 1280, 1000, 0.2
 
 def preprocess_input(x) -> np.ndarray:
     """RGB 0..255 -> float32 -1..1, the reference's (x/255 - 0.5)/0.5: featurecache's `tf` mode, whose one
-    home is featurecache.preprocessing (kept here in keras.applications' spelling for callers of this module)."""
+    home is featurecache.encoding.preprocessing (kept here in keras.applications' spelling for callers of this module)."""
     return preprocess(np.asarray(x), PREPROCESS_MODE)
 
 

@@ -1,7 +1,7 @@
 """Engines: what runs a backbone's forward pass (TensorFlow, ONNX Runtime or OpenVINO).
 
 Every engine gets the same preprocessed NHWC batch and returns the same NHWC tap outputs, so the
-engine is not part of a feature set's key: parity tests (tests/test_engines.py) hold each engine to
+engine is not part of a feature set's key: parity tests (tests/engines/test_engines.py) hold each engine to
 1e-4 of the feature scale against TensorFlow on every tap. Precision is part of the key: bf16 and int8
 vectors are different feature sets, each run by OpenVINO. `auto` runs a visible GPU's engine, else the
 engine measured fastest on this machine for the graph (choice.py), else the first installed engine
@@ -25,7 +25,7 @@ from ..settings import BF16_ENGINE, INT8_ENGINE, Precision
 from . import choice
 from .runtimes import threads  # noqa: F401  (every core this process may use)
 
-# The engines, declared once: --engine's choices (featurecache/options.py), `featurecache.toml`'s check of
+# The engines, declared once: --engine's choices (featurecache/cli/options.py), `featurecache.toml`'s check of
 # them (config.py asks the option) and the API's defaults all read these.
 ENGINES = ("tensorflow", "onnxruntime", "openvino")
 ENGINE_CHOICES = ("auto", *ENGINES)

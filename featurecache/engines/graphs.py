@@ -95,7 +95,7 @@ def hold(folder: Path) -> None:
     """Mark the graph in `folder` in use by this process until it exits (see the module's docstring).
     Where the cache is read-only an existing IN_USE is locked read-only, else nothing is marked: such a cache
     is not pruned from here. Where flock is missing (some network file systems) nothing is marked either."""
-    from ..store import writing
+    from ..store.sets import writing
 
     key = str(folder)
     if key in _HELD:
@@ -127,7 +127,7 @@ def hold(folder: Path) -> None:
 
 def try_remove(folder: Path) -> str | None:
     """Remove a graph folder if it is ours and no process has it in use; else why it stays (one line)."""
-    from ..store import not_writable, writing
+    from ..store.sets import not_writable, writing
 
     if not ours(folder):
         return NOT_OURS
@@ -227,7 +227,7 @@ def _save_ir(ov_model, xml: Path) -> None:
 def convert(engine: str, model, graph: Graph, cache_dir: Path, precision: Precision = Precision(),
             calibration_images=None, log=None) -> Path:
     """Path of the cached graph `engine` runs, converting (and calibrating) on first use only."""
-    from ..store import touch_used, writing
+    from ..store.sets import touch_used, writing
 
     folder = graph.folder(cache_dir)
     hold(folder)  # before looking: a prune cannot take the folder from under this process from here on
@@ -291,7 +291,7 @@ def _convert(engine: str, model, graph: Graph, folder: Path, precision: Precisio
 
 def int8_graph(cache_dir: Path, graph: Graph, calibration: str) -> Path | None:
     """The cached int8 QDQ graph of `graph`, or of a graph over more taps of the same network (a tap's int8
-    vectors do not depend on the other taps: tests/test_precision.py), or None."""
+    vectors do not depend on the other taps: tests/engines/test_precision.py), or None."""
     name = f"int8-{calibration}.onnx"
     exact = graph.folder(cache_dir) / name
     if exact.is_file():

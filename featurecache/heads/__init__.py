@@ -28,8 +28,8 @@ from __future__ import annotations
 import importlib
 
 from .options import OPTIONS, Option, option_flag
-from .registry import (HEADS, NORMALIZES, Head, check_head, head_names, make_head, make_pipeline,
-                       normalization, with_seed)
+from .registry import (HEADS, NORMALIZES, Head, check_head, head_names, make_head, make_pipeline, normalization,
+                       with_seed)
 from .tuning import Scores, averaged, check_train_labels, fit_pipeline, grid_search, parse_grid, resolve_grid, scores
 
 # Names whose modules import scikit-learn's estimator machinery: imported when first asked for.

@@ -120,7 +120,7 @@ def _boolean(name, value):
 @dataclass(frozen=True)
 class Option:
     """A CLI option of the heads: its name, the estimator parameter it sets, its converter, and the
-    type the command line reads it as (``featurecache.options`` makes ``fit``'s flags from these)."""
+    type the command line reads it as (``featurecache.cli.options`` makes ``fit``'s flags from these)."""
 
     name: str
     param: str | None  # None: handled by make_head itself (calibrate)
