@@ -1,8 +1,11 @@
+import importlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,19 +18,132 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# How long a child a test starts may run before the test fails naming it: generous (a CLI run that converts a
+# network on 2 loaded cores takes a minute or two), yet finite, so a hung child fails CI instead of hanging it.
+CHILD_TIMEOUT = 600
+STOP_TIMEOUT = 30  # a server asked to stop (SIGTERM) that is still running after this is killed
+
+
+def must_have(variable: str) -> bool:
+    """Whether this machine promises what `variable` names: `CI` (set by CI services; `.ci/run` installs the
+    lock, so every package it pins is there), FEATURECACHE_REQUIRE_DATA (Fashion-MNIST),
+    FEATURECACHE_REQUIRE_BROWSER (chromium and chromedriver). Where it is promised, a missing thing is a
+    failure: CI cannot be green by skipping."""
+    return os.environ.get(variable, "").lower() not in ("", "0", "false", "no")
+
+
+def require(what, why: str, under: str = "CI"):
+    """The one rule for a test's prerequisite. `what` is a condition, or a module's name (then the module is
+    returned). Missing: the test skips with `why` on a developer's machine, and fails with it where `under`
+    is promised (must_have). Usable in a test, a fixture, or at a module's top."""
+    module = None
+    if isinstance(what, str):
+        try:
+            module = importlib.import_module(what)
+        except ImportError as e:
+            why = f"{why} ({e})"
+        ok = module is not None
+    else:
+        ok = bool(what)
+    if not ok:
+        if must_have(under):
+            pytest.fail(f"{why}; required here ({under} is set)", pytrace=False)
+        pytest.skip(why, allow_module_level=True)
+    return module
+
+
+def needs(ok: bool, why: str, under: str = "CI"):
+    """`require` as a mark, for a condition known at collection: skips the test where `ok` is false, and
+    fails it there where `under` is promised (pytest_runtest_setup below)."""
+    if ok or not must_have(under):
+        return pytest.mark.skipif(not ok, reason=why)
+    return pytest.mark.required_but_missing(f"{why}; required here ({under} is set)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "required_but_missing(why): set by conftest.needs; the test fails with why")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("required_but_missing"):
+        pytest.fail(mark.args[0], pytrace=False)
+
+
+# Fashion-MNIST: Debian's dataset-fashion-mnist, or the folder FEATURECACHE_FASHION_MNIST_DIR names (a test's
+# own data, or a missing folder to see that CI fails without the data).
+FASHION_DIR_OVERRIDE = os.environ.get("FEATURECACHE_FASHION_MNIST_DIR") or None
+
+
+def fashion_mnist_dir() -> Path:
+    from featurecache.data.datasets import FASHION_MNIST_DIR
+
+    return Path(FASHION_DIR_OVERRIDE or FASHION_MNIST_DIR)
+
+
+FASHION_WHY = "{} missing: apt-get install dataset-fashion-mnist"
+
+
+def needs_fashion_mnist():
+    """The mark of a real-data test: skipped without Fashion-MNIST, failed under FEATURECACHE_REQUIRE_DATA."""
+    folder = fashion_mnist_dir()
+    return needs(folder.is_dir(), FASHION_WHY.format(folder), under="FEATURECACHE_REQUIRE_DATA")
+
+
+def _tail(text) -> str:
+    if isinstance(text, bytes):  # TimeoutExpired keeps bytes even under text=True
+        text = text.decode(errors="replace")
+    return (text or "")[-3000:]
+
+
+def run_child(cmd, timeout: float = CHILD_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) capturing text output, with a limit: a child still running after `timeout` s is
+    killed and the test fails naming the command and the end of what it printed."""
+    kwargs = {"capture_output": True, "text": True, **kwargs}
+    try:
+        return subprocess.run([str(c) for c in cmd], timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"hung: `{shlex.join(str(c) for c in cmd)}` still running after {timeout} s, killed; "
+                             f"its stderr ended:\n{_tail(e.stderr)}") from None
+
+
+def read_line(proc: subprocess.Popen, what: str, timeout: float = CHILD_TIMEOUT) -> str:
+    """proc.stdout.readline() with a limit (a blocking read has none): a child that neither prints a line nor
+    exits within `timeout` s is killed, and the test fails naming it."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        proc.kill()
+        proc.wait(STOP_TIMEOUT)
+        raise AssertionError(f"hung: `{what}` printed no line in {timeout} s, killed")
+    return got[0]
+
+
+def stop(proc: subprocess.Popen, what: str, timeout: float = STOP_TIMEOUT) -> int:
+    """Ask a child to stop (SIGTERM); kill it if it is still running `timeout` s later, and fail naming it."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+        raise AssertionError(f"`{what}` ignored SIGTERM for {timeout} s and was killed") from None
+
 
 @pytest.fixture
 def cache(tmp_path) -> Path:
     return tmp_path / "cache"
 
 
-def run_cli(*args, cache_dir=None, check=False):
-    """Run the installed `featurecache` CLI in a subprocess, as a user would."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def run_cli(*args, cache_dir=None, check=False, cwd=ROOT, env=None):
+    """Run the installed `featurecache` CLI in a subprocess, as a user would (failing after CHILD_TIMEOUT), in
+    `cwd` (where it looks for featurecache.toml), with `env` added to the environment."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     if cache_dir is not None:
         env["FEATURECACHE_DIR"] = str(cache_dir)
-    proc = subprocess.run([sys.executable, "-m", "featurecache.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+    proc = run_child([sys.executable, "-m", "featurecache.cli", *args], env=env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"featurecache {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc
@@ -51,7 +167,7 @@ def fit_run(*args, cache) -> dict:
 def run_python(code: str) -> str:
     """Run `code` in a fresh interpreter from the repository root, as a user's program would, and return its
     stdout (a failure shows the end of its stderr): how a test sees what an import pulls in (TensorFlow?)."""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = run_child([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -83,17 +199,16 @@ def serving(args, cache: Path, log_path: Path, env: dict | None = None):
     """A real `featurecache serve ARGS` on a free loopback port, healthy before the block, stopped after it;
     yields its base URL. Its output goes to `log_path` (quoted when it fails to start)."""
     port = free_port()
+    cmd = [sys.executable, "-m", "featurecache.cli", "serve", *map(str, args), "--port", str(port)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "serve", *map(str, args), "--port",
-                                 str(port)], env=dict(os.environ, FEATURECACHE_DIR=str(cache), **(env or {})),
+        proc = subprocess.Popen(cmd, env=dict(os.environ, FEATURECACHE_DIR=str(cache), **(env or {})),
                                 cwd=ROOT, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for_health(url, proc, log_path)
             yield url
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop(proc, shlex.join(cmd))
 
 
 def error_line(proc) -> str:
@@ -101,6 +216,13 @@ def error_line(proc) -> str:
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
     return lines[0]
+
+
+def digit_project(root: Path, new: int) -> tuple[Path, list[Path], Path]:
+    """A served run's usual ground: (a folder of 12 digits per class, `new` more per class that it lacks, a cache)."""
+    data, cache = root / "digits", root / "cache"
+    write_digit_folder(data, 12)
+    return data, write_digit_folder(root / "new", new, offset=12), cache
 
 
 def write_digit_folder(root: Path, per_class: int, classes=(0, 1, 2), offset: int = 0) -> list[Path]:
@@ -151,15 +273,15 @@ def write_cifar_archive(root: Path, per_batch: int = 10) -> tuple[Path, Path, di
 @pytest.fixture(scope="session")
 def fashion_small(tmp_path_factory):
     """Fashion-MNIST, 3,000 train / 1,000 test, with a session cache holding its HED-VGG16 block3_pool codes at
-    32px (4,096-d), shared by the real-data tests. Skips where Debian's dataset-fashion-mnist is missing."""
+    32px (4,096-d), shared by the real-data tests. Where Debian's dataset-fashion-mnist is missing: skips, or
+    fails under FEATURECACHE_REQUIRE_DATA (as .ci/run sets)."""
     from featurecache.api import DataOptions, RunSettings, dataset_features
-    from featurecache.data.datasets import FASHION_MNIST_DIR
     from featurecache.extraction.extract import FeatureSpec
 
-    if not FASHION_MNIST_DIR.is_dir():
-        pytest.skip(f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist")
+    folder = fashion_mnist_dir()
+    require(folder.is_dir(), FASHION_WHY.format(folder), under="FEATURECACHE_REQUIRE_DATA")
     cache = tmp_path_factory.mktemp("fashion-cache")
-    ds = DataOptions("fashion-mnist", max_train=3000, max_test=1000).load()
+    ds = DataOptions("fashion-mnist", FASHION_DIR_OVERRIDE, max_train=3000, max_test=1000).load()
     spec = FeatureSpec("vgg16", "hed-bsds", ("block3_pool",), size=32)
     _, x_train, x_test = dataset_features(ds, spec, RunSettings(cache, progress=False), compute=True)
     return {"ds": ds, "cache": cache, "hed": (x_train, x_test)}

@@ -6,7 +6,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import error_line, run_cli, run_python
+from conftest import error_line, require, run_cli, run_python
 from featurecache.classify import classify
 from featurecache.settings import RunSettings
 
@@ -31,7 +31,7 @@ def top_lines(stdout: str) -> dict[str, str]:
 
 
 def test_cli_classifies_on_onnxruntime(photos, tmp_path):
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime", "onnxruntime is not installed")
     cache = tmp_path / "cache"
     proc = run_cli("classify", *photos, "--engine", "onnxruntime", "--top", "3", cache_dir=cache, check=True)
     assert top_lines(proc.stdout) == {str(photos[0]): ["967", "espresso"], str(photos[1]): ["285", "Egyptian cat"]}
@@ -65,7 +65,7 @@ def test_cli_refuses_a_model_without_a_classifier(photos, tmp_path):
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_engines_give_tensorflows_probabilities(engine, tmp_path):
     """The classifier tap (global average pooling, dropout, dense, softmax) converts to every engine."""
-    pytest.importorskip(engine)
+    require(engine, f"{engine} is not installed")
     images = [skimage.data.coffee(), skimage.data.chelsea(), skimage.data.astronaut()]
     want = classify(images, 1000, RunSettings(tmp_path, engine="tensorflow"))
     got = classify(images, 1000, RunSettings(tmp_path, engine=engine))

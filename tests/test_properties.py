@@ -8,7 +8,6 @@ give every image the id of its content and its folder's label, whatever its size
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, run_child
 from featurecache.encoding import images
 from featurecache.api import DataOptions, RunSettings, extract_dataset
 from featurecache.data.datasets import ArrayImages, Dataset, Split, load_dataset
@@ -119,10 +118,10 @@ def test_thread_count_does_not_change_the_set_and_barely_the_vectors(tmp_path):
     _, s = extract_dataset(ds, SPEC, RunSettings(tmp_path / "a", progress=False, engine="tensorflow"))
     assert s.engine == "tensorflow"
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-m", "featurecache.cli", "extract", "--data", "digits", "--max-train", "20",
+    out = run_child([sys.executable, "-m", "featurecache.cli", "extract", "--data", "digits", "--max-train", "20",
                           "--max-test", "10", "--model", "vgg16", "--weights", "random", "--size", "32",
                           "--layer", "block5_pool", "--cache-dir", str(tmp_path / "b"), "--engine", "tensorflow", "--json"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                    env=env, cwd=ROOT, check=True).stdout
     child = json.loads(out)
     other = child["sets"][0]["id"]
     assert other == s.sets[0]["id"] and child["engine"] == "tensorflow"

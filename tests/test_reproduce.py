@@ -3,14 +3,11 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-from conftest import ROOT, write_cifar_archive
-from featurecache.data.datasets import FASHION_MNIST_DIR
+from conftest import ROOT, needs_fashion_mnist, run_child, write_cifar_archive
 
 
 def _script(name):
@@ -22,8 +19,8 @@ def _script(name):
 
 
 def _run_script(name, *args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **(env or {})))
+    return run_child([sys.executable, ROOT / "scripts" / f"{name}.py", *args], cwd=ROOT,
+                     env=dict(os.environ, **(env or {})))
 
 
 def test_cnn_codes_beat_raw_pixels_with_the_same_linear_head(fashion_small):
@@ -44,7 +41,7 @@ def test_cnn_codes_beat_raw_pixels_with_the_same_linear_head(fashion_small):
     assert acc["codes"] > 0.82, acc
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist()  # the script reads the package's folder; FEATURECACHE_FASHION_MNIST_DIR only hides it
 def test_reproduce_table_quick_mode_resumes(tmp_path):
     """Quick mode on the feature command and one fit row; the rerun skips what its ledger holds."""
     cache = tmp_path / "c"

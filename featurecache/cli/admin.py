@@ -18,6 +18,8 @@ from .options import (CACHE, CHECK_DATA, DATA, EXTRACT_RUN, FEATURES, AllRuns, A
                       ExportPrecision, ExportRun, GraphsOnly, Host, InitForce, Json, MaxBatch, MaxBodyMb,
                       MaxPixels, MaxSize, MaxWaitMs, NoAuth, OlderThan, Output, Port, PruneFeatures, Sample,
                       ServeRuns, ServeWorkers, SetIds, SetsToCheck, SetsToRepair, Token, Tta, takes)
+from .options import MaxRequestPixels, ServeDocs
+from .options import TokenFile
 from ..settings import RunSettings
 
 
@@ -142,12 +144,12 @@ def config_cmd(ctx: typer.Context, command: ConfigWords = None, as_json: Json = 
     root = ctx.find_root()
     words = list(command or []) + list(ctx.args)
     rows = config.in_force(root, words)
-    found = config.find()
+    choice = config.choice_of(ctx)
     if as_json:
-        print(json.dumps({"file": str(found) if found else None, "values": rows}, indent=1))
+        print(json.dumps({"file": str(choice.path) if choice.path else None, "named": choice.named, "values": rows},
+                         indent=1))
         return
-    print(f"project file: {found}" if found else
-          f"project file: none in {Path.cwd()} or above (`featurecache init --data D` writes one)")
+    print(choice.describe())
     for key, row in rows.items():
         print(f"  {key:<14} = {json.dumps(row['value']):<28} {row['source']}")
 
@@ -182,19 +184,28 @@ def export_cmd(run: ExportRun = None, fmt: ExportFormat = "onnx", precision: Exp
 
 # ---- serving --------------------------------------------------------------------------------------
 @app.command()
-def serve(run: ServeRuns = None, all_runs: AllRuns = False, host: Host = "127.0.0.1", port: Port = 8000,
-          token: Token = None, no_auth: NoAuth = False, workers: ServeWorkers = 1, max_batch: MaxBatch = 32,
+def serve(ctx: typer.Context,
+          run: ServeRuns = None, all_runs: AllRuns = False, host: Host = "127.0.0.1", port: Port = 8000,
+          token: Token = None, token_file: TokenFile = None,
+          no_auth: NoAuth = False, workers: ServeWorkers = 1, max_batch: MaxBatch = 32,
           max_wait_ms: MaxWaitMs = 2.0, max_body_mb: MaxBodyMb = 20.0, max_pixels: MaxPixels = 4096 * 4096,
-          cache_dir: CacheDir = None, engine: Engine = None):
+          cache_dir: CacheDir = None, engine: Engine = None, max_request_pixels: MaxRequestPixels = 64 << 20,
+          docs: ServeDocs = False):
     """Serve fitted runs over HTTP: a page at /, POST /predict and /embed, GET /health, /info, /runs, /sets
-    (OpenAPI at /docs)."""
+    (OpenAPI at /openapi.json; /docs with --docs)."""
+    from . import config
     from ..serving.auth import token_for
     from ..serving.server import ServeOptions, serve as run_server
 
-    token = token_for(host, token, no_auth, log=say)  # refuses an exposed, open server before loading
+    # First, which project file set this server's defaults (or none), then what was left out of it.
+    choice = config.choice_of(ctx)
+    for line in (choice.describe(), *choice.notices):
+        say(line)
+    token = token_for(host, token, no_auth, log=say, token_file=token_file)  # refuses an exposed, open server
     if bool(run) == all_runs:
         raise FeatureCacheError("give --run ID (repeatable) or --all-runs" if not run else
                                 "--run and --all-runs contradict each other; give one of them")
     opts = ServeOptions(run[0] if run else "", str(cache_dir_of(cache_dir)), max_batch, max_wait_ms,
-                        int(max_body_mb * (1 << 20)), max_pixels, engine or default_engine())
+                        int(max_body_mb * (1 << 20)), max_pixels, engine or default_engine(),
+                        max_request_pixels=max_request_pixels, docs=docs)
     run_server(opts, host, port, workers, runs=run, all_runs=all_runs, token=token)

@@ -245,11 +245,16 @@ def main() -> None:
         os.environ["FEATURECACHE_DEBUG"] = "1"
     quiet.install()
     try:
+        # --config decides the defaults of every option, so it is read before click parses the line.
+        args, named = _config_flag(args)
         command = typer.main.get_command(app)
-        found = config.find()
-        defaults = config.default_map(command, config.load(found, command)) if found else None
+        choice, defaults = config.setup(command, named)
+        if next((a for a in args if not a.startswith("-")), None) != "serve":  # serve says them after its first line
+            for line in choice.notices:
+                print(line, file=sys.stderr)
         # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
-        status = command.main(args=args, prog_name="featurecache", standalone_mode=False, default_map=defaults)
+        status = command.main(args=args, prog_name="featurecache", standalone_mode=False, default_map=defaults,
+                              obj=choice)
         if isinstance(status, int) and status:
             sys.exit(status)
     except FeatureCacheError as e:
@@ -264,6 +269,20 @@ def main() -> None:
         if not e.format_message().strip():  # no arguments at all: click has printed the help already
             sys.exit(e.exit_code)
         _fail(_usage_line(e), e.exit_code)
+
+
+def _config_flag(args: list[str]) -> tuple[list[str], str | None]:
+    """`--config FILE` (or `--config=FILE`), accepted anywhere on the line as --verbose is, and the rest."""
+    rest, named = [], None
+    it = iter(args)
+    for a in it:
+        if a == "--config" or a.startswith("--config="):
+            named = a.partition("=")[2] if "=" in a else next(it, None)
+            if not named:
+                raise FeatureCacheError("--config needs a FILE: `featurecache --config path/to/featurecache.toml ...`")
+        else:
+            rest.append(a)
+    return rest, named
 
 
 def _usage_line(e) -> str:

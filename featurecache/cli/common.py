@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .options import Verbose
+from .options import ConfigFile, Verbose
 from ..settings import default_cache_dir
 
 # No rich markup: help texts say "[default: ...]" literally, which markup would swallow as a tag.
@@ -26,7 +26,7 @@ app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
-def _main(verbose: Verbose = False):
+def _main(verbose: Verbose = False, config_file: ConfigFile = None):  # both read by cli.commands.main first
     if verbose:
         from . import quiet
 

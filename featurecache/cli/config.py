@@ -7,12 +7,22 @@ defaults for that command alone. The values become click's `default_map`, so cli
 precedence and remembers where a value came from: a flag wins over the environment
 (FEATURECACHE_DIR, FEATURECACHE_ENGINE), which wins over the file, which wins over the built-in default.
 Paths in the file are relative to the file's folder, and so is the cache unless the file names one.
+
+A file found by searching is trusted less than one the user names (`featurecache --config FILE`), as
+git trusts a repository it finds (red-team issue 25: a file planted in a parent folder opened `serve`
+to the network):
+- The search stops at a ceiling: it never leaves the start folder's filesystem, never climbs above the
+  home folder (the home folder's own file still counts), and never enters a folder listed in
+  FEATURECACHE_CEILING_DIRECTORIES (colon-separated, as GIT_CEILING_DIRECTORIES).
+- The nearest file found is used only if the user owns it; another's is ignored, with a notice.
+- The keys that open or lock the server's door (DOOR_KEYS) are taken only from a named file.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +38,12 @@ else:  # pragma: no cover - Python 3.10
 FILENAME = "featurecache.toml"
 PATH_KEYS = ("data-dir", "cache-dir", "plot")  # always paths: relative to the file's folder
 NOT_SETTABLE = {"help", "json", "force"}  # per-invocation switches have no place in a project file
+# Keys a file may set for most commands but not for these: there the same flag means something else
+# (export's --data is the data to --check an exported file on, not the project's training data).
+FLAG_ONLY = {"export": {"data"}}
+# Who may reach the server, and with which secret: taken only from a file named with --config.
+DOOR_KEYS = ("host", "no-auth", "token", "token-file")
+CEILING_ENV = "FEATURECACHE_CEILING_DIRECTORIES"
 
 
 @dataclass(frozen=True)
@@ -41,14 +57,75 @@ class ProjectFile:
         return self.path.parent
 
 
+@dataclass(frozen=True)
+class Choice:
+    """Which project file is in force for this call, and how it was chosen."""
+    path: Path | None  # None: no file
+    named: bool = False  # given with --config: trusted with DOOR_KEYS
+    notices: tuple[str, ...] = ()  # one line each for stderr: a file passed over, keys left out
+
+    def describe(self) -> str:
+        if self.path is None:
+            return f"project file: none in {Path.cwd()} or above (`featurecache init --data D` writes one)"
+        return f"project file: {self.path}" + (" (named with --config)" if self.named else "")
+
+
+def choose(named: str | None = None, start: Path | None = None) -> Choice:
+    """The file named with --config, else the nearest one the search may use (see the module's text)."""
+    if named is not None:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise FeatureCacheError(f"--config {named}: no such file; give the path of a featurecache.toml")
+        return Choice(path.resolve(), named=True)
+    found = find(start)
+    if found is None:
+        return Choice(None)
+    owner, me = found.stat().st_uid, os.geteuid()
+    if owner != me:  # anyone may write into /tmp or a shared folder above ours: not our settings
+        return Choice(None, notices=(f"notice: ignoring {found}: owned by uid {owner}, not by you (uid {me}); "
+                                     f"name it with `featurecache --config {found} ...` to use it",))
+    return Choice(found)
+
+
+def choice_of(ctx) -> Choice:
+    """The Choice that `main` made for this call (a click context of it), or the search's where none was made."""
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Choice) else choose()
+
+
 def find(start: Path | None = None) -> Path | None:
-    """The nearest featurecache.toml in `start` or a folder above it."""
+    """The nearest featurecache.toml in `start` or a folder above it, below the ceiling (whoever owns it)."""
     here = (start or Path.cwd()).resolve()
+    ceilings = _ceilings()
+    device = here.stat().st_dev
     for folder in (here, *here.parents):
+        if folder != here and (folder in ceilings or _stat_dev(folder) != device):
+            return None  # as git: not into a ceiling folder, not across a filesystem boundary
         candidate = folder / FILENAME
         if candidate.is_file():
             return candidate
+        if folder == _home():
+            return None  # the home folder's own file counts; nothing above it does
     return None
+
+
+def _ceilings() -> set[Path]:
+    listed = os.environ.get(CEILING_ENV, "").split(os.pathsep)
+    return {Path(p).resolve() for p in listed if p and Path(p).is_absolute()}
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, KeyError):  # no HOME and no password entry: no home ceiling
+        return None
+
+
+def _stat_dev(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_dev
+    except OSError:  # an unreadable parent: treat it as a boundary
+        return None
 
 
 def commands(root) -> dict[str, Any]:
@@ -75,7 +152,7 @@ def settable(root) -> dict[str, dict[str, Any]]:
     for cname, cmd in commands(root).items():
         for param in cmd.params:
             key = key_of(param)
-            if key:
+            if key and key not in FLAG_ONLY.get(cname, ()):
                 out.setdefault(key, {})[cname] = param
     return out
 
@@ -103,6 +180,21 @@ def load(path: Path, root_command) -> ProjectFile:
             common[key] = _check(path, key, value, options, None, "", cmds)
     return ProjectFile(path, _paths(path.parent, common),
                        {c: _paths(path.parent, v) for c, v in sections.items()})
+
+
+def trusted(project: ProjectFile, choice: Choice) -> tuple[ProjectFile, tuple[str, ...]]:
+    """`project` less DOOR_KEYS unless its file was named with --config; the notice saying what was left out."""
+    if choice.named:
+        return project, ()
+    common = {k: v for k, v in project.common.items() if k not in DOOR_KEYS}
+    sections = {c: {k: v for k, v in vs.items() if k not in DOOR_KEYS} for c, vs in project.sections.items()}
+    left = sorted({k for k in project.common if k in DOOR_KEYS}
+                  | {k for vs in project.sections.values() for k in vs if k in DOOR_KEYS})
+    if not left:
+        return project, ()
+    return ProjectFile(project.path, common, sections), (
+        f"notice: ignoring {', '.join(left)} in {project.path}: a file found by searching may not open the "
+        f"server; give them as flags, or name the file with `featurecache --config {project.path} ...`",)
 
 
 def _check(path: Path, key: str, value, options: dict, only: dict | None, where: str, commands_of: dict):
@@ -148,6 +240,15 @@ def _paths(root: Path, values: dict) -> dict:
     if isinstance(out.get("data"), str) and (root / out["data"]).exists():
         out["data"] = str((root / out["data"]).resolve())
     return out
+
+
+def setup(root_command, named: str | None) -> tuple[Choice, dict | None]:
+    """The project file in force (named with --config, or found) and click's default_map from it."""
+    choice = choose(named)
+    if choice.path is None:
+        return choice, None
+    project, left = trusted(load(choice.path, root_command), choice)
+    return Choice(choice.path, choice.named, choice.notices + left), default_map(root_command, project)
 
 
 def default_map(root_command, project: ProjectFile) -> dict:
@@ -200,8 +301,9 @@ def in_force(root_ctx, words: list[str]) -> dict[str, dict]:
             break
     if words and chosen is None:
         raise FeatureCacheError(f"config {words[0]}: not a command; give one of: {', '.join(cmds)}")
-    found = find()
-    in_file = set(load(found, root_ctx.command).common) if found else set()
+    choice = choice_of(root_ctx)
+    found = choice.path
+    in_file = set(trusted(load(found, root_ctx.command), choice)[0].common) if found else set()
     rows: dict[str, dict] = {}
     # The pipeline's commands first, so a key shows the value extract or fit would use.
     order = [c for c in ("extract", "fit", "plan", "sweep", "predict", "serve") if c in cmds]

@@ -164,6 +164,9 @@ SweepPlot = Annotated[Optional[Path], typer.Option("--plot", help="PNG path [def
 # ---- the main callback, models and layers, the cache, the project file, export and serve ------------
 Verbose = Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and the engines' own log "
                                                          "lines.")]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", help="Use this project file instead of the nearest featurecache.toml; only a file named here may "
+                     "set serve's host, no-auth, token and token-file.")]
 GraphsOnly = Annotated[bool, typer.Option("--graphs", help="With --json: list the converted engine graphs instead of "
                                                            "the feature sets.")]
 SetIds = Annotated[list[str], typer.Argument(help="Feature-set ids (a unique prefix is enough).")]
@@ -199,10 +202,14 @@ ServeRuns = Annotated[Optional[list[str]], typer.Option(
 AllRuns = Annotated[bool, typer.Option("--all-runs", help="Serve every run in the cache, newest first.")]
 Host = Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback (0.0.0.0 exposes it to "
                                                   "the network) needs --token.")]
-Port = Annotated[int, typer.Option("--port")]
+Port = Annotated[int, typer.Option("--port", min=1, max=65535)]  # checked before any model loads
 Token = Annotated[Optional[str], typer.Option(
     "--token", envvar="FEATURECACHE_TOKEN", show_default=False,
-    help="Clients must send `Authorization: Bearer TOKEN` (all but /health and the page).")]
+    help="Clients must send `Authorization: Bearer TOKEN` (all but /health and the page). Every local user "
+         "sees a flag in `ps`: prefer --token-file or FEATURECACHE_TOKEN.")]
+TokenFile = Annotated[Optional[Path], typer.Option(
+    "--token-file", help="Read the token from this file (surrounding whitespace dropped): out of `ps`, unlike "
+                          "--token.")]
 NoAuth = Annotated[bool, typer.Option("--no-auth", help="Serve off loopback without a token (anyone who reaches "
                                                         "the port may use it).")]
 ServeWorkers = Annotated[int, typer.Option("--workers", help="Processes, each with its own model (1 batches best on "
@@ -211,6 +218,11 @@ MaxBatch = Annotated[int, typer.Option("--max-batch", help="Images per forward p
 MaxWaitMs = Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill.")]
 MaxBodyMb = Annotated[float, typer.Option("--max-body-mb", help="Request size limit.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Largest image, in pixels.")]
+MaxRequestPixels = Annotated[int, typer.Option(
+    "--max-request-pixels", min=1, help="Decoded pixels per request, summed over its new images (identical ones "
+                                        "count once); over it: 413. Default: four 4096x4096 images.")]
+ServeDocs = Annotated[bool, typer.Option("--docs", help="Serve /docs and /redoc (their pages load scripts from a "
+                                                        "CDN; /openapi.json is always served).")]
 
 
 # ---- classify --------------------------------------------------------------------------------------

@@ -137,6 +137,10 @@ class Dataset:
 def load_dataset(spec: str, data_dir: str | None = None, test_size: float = 0.25, seed: int = 0,
                  max_train: int | None = None, max_test: int | None = None) -> Dataset:
     """Resolve `--data`: a built-in name, an .npz file, or a folder of images."""
+    # Checked for every source, also those with a split of their own (which do not use it): a value that
+    # cannot be a share is a mistake wherever it is given.
+    if not 0 < test_size < 1:
+        raise FeatureCacheError(f"--test-size {test_size}: must be between 0 and 1 (e.g. 0.25)")
     path = Path(spec).expanduser()
     if spec in BUILTINS and not path.exists():
         ds = _BUILTIN_LOADERS[spec](data_dir, test_size, seed)
@@ -179,14 +183,13 @@ def _subsample(split: Split, n: int | None, seed: int, option: str) -> Split:
     return split.subset(np.sort(keep))
 
 
-def _stratified_split(images_, labels, test_size: float, seed: int, name: str):
-    if not 0 < test_size < 1:
-        raise FeatureCacheError(f"--test-size {test_size}: must be between 0 and 1 (e.g. 0.25)")
+def _stratified_split(images_, labels, test_size: float, seed: int, name: str, class_names=None):
     labels = np.asarray(labels)
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any():
-        small = [i for i, c in enumerate(counts) if c == 1]
-        raise FeatureCacheError(f"--data {name}: class index {small[0]} has a single image; "
+        small = [i for i, c in enumerate(counts) if c == 1][0]
+        which = f"class {class_names[small]!r}" if class_names else f"class index {small}"
+        raise FeatureCacheError(f"--data {name}: {which} has a single image; "
                                 "each class needs at least two to split into train and test")
     tr, te = train_test_indices(labels, seed, test_size=test_size)
     tr, te = np.sort(tr), np.sort(te)
@@ -211,16 +214,27 @@ def _load_folder(root: Path, test_size: float, seed: int) -> Dataset:
     subdirs = {p.name for p in _class_folders(root)}
     if {"train", "test"} <= subdirs:
         train, test = _files_by_class(root / "train"), _files_by_class(root / "test")
+        _no_empty_class(root / "train", train)
         names = tuple(sorted(set(train) | set(test)))
         return Dataset(str(root), names, _folder_split(train, names), _folder_split(test, names))
     by_class = _files_by_class(root)
     if not by_class:
         raise FeatureCacheError(f"--data {root}: no class subfolders; put each class's images in "
                                 "a folder named after the class (or use train/ and test/)")
+    _no_empty_class(root, by_class)
     names = tuple(by_class)
     whole = _folder_split(by_class, names)
-    train, test = _stratified_split(whole.images, whole.labels, test_size, seed, str(root))
+    train, test = _stratified_split(whole.images, whole.labels, test_size, seed, str(root), names)
     return Dataset(str(root), names, train, test)
+
+
+def _no_empty_class(root: Path, by_class: dict[str, list[Path]]) -> None:
+    """A class folder with no files would be a class no head can learn (an empty row in every report): more
+    likely a mistake than a wish, so say so rather than carry it."""
+    empty = [name for name, files in by_class.items() if not files]
+    if empty:
+        raise FeatureCacheError(f"--data {root}: class folder {empty[0]!r} holds no files; put its images in it "
+                                "or remove the folder")
 
 
 def _folder_split(by_class: dict[str, list[Path]], names: tuple[str, ...]) -> Split:

@@ -90,7 +90,7 @@ def load_record(cache_dir: Path, run_id: str) -> dict:
     """run.json as saved (`load` gives the typed Run)."""
     path = runs_dir(cache_dir) / run_id / "run.json"
     if not path.is_file():
-        known = sorted(p.name for p in runs_dir(cache_dir).glob("*/run.json"))
+        known = sorted(p.parent.name for p in runs_dir(cache_dir).glob("*/run.json"))  # run ids, by time
         hint = f"; the latest is {known[-1]}" if known else "; fit one with `featurecache fit`"
         raise FeatureCacheError(f"--run {run_id}: no such run in {runs_dir(cache_dir)}{hint}")
     try:

@@ -8,6 +8,11 @@
   that do not exist, so nothing is learnt about what is behind the door).
 - The comparison runs in constant time over SHA-256 digests: hmac.compare_digest on equal-length
   inputs, so neither the token's bytes nor its length leak through response timing.
+- Without a token (LoopbackGuard), a loopback server is still reachable by any web page the user opens:
+  the page's script may post to 127.0.0.1 (a cross-origin request), or re-point its own name at
+  127.0.0.1 (DNS rebinding: the request then carries the page's host name in `Host`). So it answers
+  only requests whose Host is a loopback name (localhost, 127.0.0.1, [::1], any port) and whose Origin,
+  when a browser sends one, is the server's own; the others get a one-line 403.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
@@ -38,8 +44,14 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface, so it counts as exposed
 
 
-def token_for(host: str, token: str | None, no_auth: bool, log=None) -> str | None:
-    """The token the server will require (None: open), or a one-line refusal to start."""
+def token_for(host: str, token: str | None, no_auth: bool, log=None, token_file=None) -> str | None:
+    """The token the server will require (None: open), or a one-line refusal to start.
+
+    `token_file` (--token-file) holds it out of sight: every local user can read a --token flag in `ps`."""
+    if token_file is not None:
+        if token is not None:
+            raise FeatureCacheError(f"--token-file and --token (or {TOKEN_ENV}) both give a token; give one of them")
+        token = _read_token(token_file)
     if token is not None and not token.strip():
         raise FeatureCacheError(f"--token (or {TOKEN_ENV}) is empty; give a secret, e.g. the output of "
                                 "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
@@ -54,8 +66,59 @@ def token_for(host: str, token: str | None, no_auth: bool, log=None) -> str | No
     if not is_loopback(host):
         raise FeatureCacheError(
             f"--host {host} exposes the service to the network, so it needs a token: pass --token T or set "
-            f"{TOKEN_ENV}=T (clients then send `Authorization: Bearer T`), or --no-auth to serve it open")
+            f"{TOKEN_ENV}=T, or --token-file FILE to keep it out of `ps` (clients then send `Authorization: "
+            "Bearer T`), or --no-auth to serve it open")
     return None
+
+
+class LoopbackGuard:
+    """ASGI middleware for a server without a token: 403 for a request that names another host in
+    `Host` (check_host: the server is bound to loopback) or comes from another web origin."""
+
+    def __init__(self, app, check_host: bool):
+        self.app, self.check_host = app, check_host
+
+    def refusal(self, headers) -> str | None:
+        host = origin = None
+        for name, value in headers:
+            if name == b"host":
+                host = value.decode("latin-1").strip().lower()
+            elif name == b"origin":
+                origin = value.decode("latin-1").strip().lower()
+        if self.check_host and host is not None and not is_loopback(_hostname(host)):
+            return (f"Host {host!r} is not a loopback name; this server has no token, so it answers only "
+                    "localhost, 127.0.0.1 or [::1] (start it with --token to serve other names)")
+        if origin is not None and (host is None or urlsplit(origin).netloc != host):
+            return (f"cross-origin request from {origin!r} refused; this server has no token, so only its "
+                    "own page may call it from a browser (start it with --token to allow others)")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        why = self.refusal(scope["headers"])
+        if why is None:
+            return await self.app(scope, receive, send)
+        return await JSONResponse({"error": why}, status_code=403)(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    try:
+        return urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return ""
+
+
+def _read_token(path) -> str:
+    try:
+        text = open(path, encoding="utf-8").read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FeatureCacheError(f"--token-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not text:
+        raise FeatureCacheError(f"--token-file {path}: the file is empty; write a secret in it, e.g. "
+                                "`python -c 'import secrets; print(secrets.token_urlsafe())' > FILE`")
+    return text
 
 
 def _digest(value: bytes) -> bytes:

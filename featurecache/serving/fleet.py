@@ -24,6 +24,17 @@ from .service import ServeOptions, Service, log as server_log
 from ..store.sets import FeatureStore
 
 
+# What a run.json that parses but lacks a key, or holds one of the wrong type, raises while it is read:
+# with --all-runs that run is reported in one line and left out, the others are served.
+DAMAGED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def damage(run_id: str, e: Exception) -> FeatureCacheError:
+    """One line for a run whose record is damaged (naming the key, for a missing one)."""
+    what = f"key {e} missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+    return FeatureCacheError(f"run {run_id}: damaged run.json ({what}); fit the run again or remove its folder")
+
+
 class NotServed(LookupError):
     """A run or feature set a request named that this server does not serve (HTTP 404)."""
 
@@ -34,7 +45,7 @@ def all_run_ids(cache_dir: Path) -> list[str]:
     for path in runs_dir(cache_dir).glob("*/run.json"):
         try:
             created = load(cache_dir, path.parent.name).created
-        except (OSError, FeatureCacheError):
+        except (OSError, FeatureCacheError, *DAMAGED):
             created = ""  # `load` names the damage again when the run is served
         found.append((created, path.parent.name))
     if not found:
@@ -52,6 +63,10 @@ class Fleet:
         cache = Path(opts.cache_dir)
         for run_id in dict.fromkeys(run_ids):
             try:
+                try:
+                    load(cache, run_id)  # the record alone first, so its damage is not mistaken for another fault
+                except DAMAGED as e:
+                    raise damage(run_id, e) from e
                 svc = Service(dataclasses.replace(opts, run_id=run_id), share=self.sets.values())
                 self.runs[run_id] = svc
                 self.sets.setdefault(svc.stored.set_id, svc)
@@ -115,7 +130,7 @@ class Fleet:
     # ---- listings ----------------------------------------------------------------------------------
     def run_list(self) -> list[dict]:
         return [{"run": r, "default": r == self.default, "method": svc.run.describe(), "features": svc.run.features,
-                 "head": svc.run.head, "test_accuracy": svc.run.metrics["test_accuracy"],
+                 "head": svc.run.head, "test_accuracy": svc.run.metrics.get("test_accuracy"),
                  "set": svc.stored.set_id} for r, svc in self.runs.items()]
 
     def stored_sets(self) -> list[dict]:

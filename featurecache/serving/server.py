@@ -6,7 +6,7 @@
     GET  /health            {"status": "ok", "run": ...} once the models are loaded (no run id under a token)
     GET  /info[?run=ID]     backbone, weights, layer, pooling, size, head, classes, feature set, metrics
     GET  /runs, /sets       the served runs; the cache's feature sets
-    GET  /docs, /openapi.json
+    GET  /openapi.json; /docs and /redoc with --docs only (their pages load scripts from a CDN)
 
 Several runs (`--run A --run B`, `--all-runs`): the first is the default, `?run=ID` picks another
 (404 naming the served ones); runs on one feature set share its encoder and stored vectors
@@ -27,9 +27,13 @@ Design:
   cannot grow the cache or take a feature set's lock away from `extract`. Part files are immutable,
   so they stay open; the set's folder is re-listed at most every REFRESH_S seconds to pick up parts
   that `extract` or `predict` add meanwhile.
-- No request names a path: images come in the body only. Bodies over `max_body` bytes and images over
-  `max_pixels` are refused; every error is JSON `{"error": "..."}` with a 4xx status (5xx only for a
-  server fault), one line naming the image.
+- No request names a path: images come in the body only. Bodies over `max_body` bytes, images over
+  `max_pixels` and requests whose new images would decode to more than `max_request_pixels` are refused
+  (featurecache/serving/service.py bounds the decoding); every error is JSON `{"error": "..."}` with a 4xx
+  status (5xx only for a server fault), one line naming the image. A client that hangs up mid-request
+  costs one log line, not a traceback.
+- Without a token, a loopback server answers only requests that name it by a loopback Host and come
+  from no other web origin (featurecache/serving/auth.py's LoopbackGuard): a web page cannot drive it.
 """
 
 from __future__ import annotations
@@ -52,11 +56,13 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from .auth import TokenAuth
+from .auth import LoopbackGuard, TokenAuth, is_loopback
 from ..errors import FeatureCacheError
 from .fleet import Fleet, NotServed, all_run_ids
-from .service import Prepared, ServeOptions, Service, StoredVectors, log  # noqa: F401  (the HTTP-free part)
+from .service import (Prepared, ServeOptions, Service, StoredVectors, http_status,  # noqa: F401  (HTTP-free)
+                      log)
 
 MAX_IMAGES = 256  # per request; bounds the work one request can queue
 HOW = "send multipart/form-data with one field `files` per image, or JSON {\"images\": [{\"name\": ..., " \
@@ -195,6 +201,8 @@ def _from_json(body: bytes) -> list[tuple[str, bytes]]:
         doc = json.loads(body)
     except ValueError as e:
         raise HTTPException(400, f"body is not valid JSON ({e}); {HOW}") from None
+    except RecursionError:  # `[[[[...` thousands deep: the parser runs out of stack, not the server
+        raise HTTPException(400, f"JSON body nested too deeply; {HOW}") from None
     items = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(items, list):
         raise HTTPException(400, f"JSON body has no list `images`; {HOW}")
@@ -247,8 +255,9 @@ class Error(BaseModel):
     error: str
 
 
-def create_app(fleet: Fleet, token: str | None = None) -> FastAPI:
-    """The app for `fleet`'s runs; `token`: the bearer token every request but the open ones needs."""
+def create_app(fleet: Fleet, token: str | None = None, host: str = "127.0.0.1") -> FastAPI:
+    """The app for `fleet`'s runs; `token`: the bearer token every request but the open ones needs;
+    `host`: the address bound (a loopback one with no token admits only loopback Host headers)."""
     opts = fleet.opts
     batchers = {set_id: Batcher(fleet.batch_fn(set_id), opts.max_batch, opts.max_wait_ms / 1000)
                 for set_id in fleet.sets}  # one forward queue per feature set, shared by its runs
@@ -274,10 +283,13 @@ def create_app(fleet: Fleet, token: str | None = None) -> FastAPI:
     app = FastAPI(title="featurecache", version="0.1.0", lifespan=lifespan,
                   description=f"Predictions of run {first.opts.run_id}: {first.run.describe()}"
                               + (f", and {len(fleet.runs) - 1} more runs (`GET /runs`)." if len(fleet.runs) > 1
-                                 else "."))
+                                 else "."),
+                  docs_url="/docs" if opts.docs else None, redoc_url="/redoc" if opts.docs else None)
     app.add_middleware(BodyLimit, max_body=opts.max_body)
     if token is not None:
         app.add_middleware(TokenAuth, token=token)  # added last, so it runs first: before any body is read
+    else:
+        app.add_middleware(LoopbackGuard, check_host=is_loopback(host))
     _error_handlers(app)
     errors = {code: {"model": Error} for code in (400, 401, 404, 413, 415, 422)}
     body = {"required": True, "content": {"multipart/form-data": {"schema": _FORM_BODY},
@@ -294,11 +306,11 @@ def create_app(fleet: Fleet, token: str | None = None) -> FastAPI:
         try:
             p = await run_in_threadpool(service.prepare, named, top)
         except FeatureCacheError as e:
-            raise HTTPException(422, str(e)) from None
+            raise HTTPException(http_status(e), str(e)) from None
         misses = sorted(p.pixels)
-        p.rows.update(zip(misses, await submit(service.stored.set_id,
-                                               [(service, p.names[k], p.pixels[k], top) for k in misses])))
-        rows = [dict(p.rows[k], hash=p.ids[k], cached=k not in p.pixels) for k in range(len(p.ids))]
+        p.fill(dict(zip(misses, await submit(service.stored.set_id,
+                                             [(service, p.names[k], p.pixels.pop(k), top) for k in misses]))))
+        rows = [dict(p.rows[k], hash=p.ids[k], cached=p.cached(k)) for k in range(len(p.ids))]
         return JSONResponse({"run": service.opts.run_id, "predictions": rows})
 
     @app.get("/health")
@@ -332,6 +344,13 @@ def _error_handlers(app: FastAPI) -> None:
     async def too_large(_request, e: _TooLarge):
         return _error(413, str(e))
 
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request, _e: ClientDisconnect):
+        # Nobody is left to read an answer; one line says what happened (the traceback said nothing more).
+        log(f"client {request.client.host if request.client else '?'} hung up during {request.method} "
+            f"{request.url.path}; request dropped")
+        return _error(400, "client disconnected")
+
     @app.exception_handler(Exception)
     async def fault(_request, e: Exception):  # uvicorn logs the traceback
         return _error(500, f"internal error ({type(e).__name__}); the server goes on")
@@ -342,7 +361,7 @@ def app_from_env():
     """uvicorn's factory in each --workers process: options come through the environment."""
     given = json.loads(os.environ[_ENV])
     fleet = Fleet(ServeOptions(**given["opts"]), given["runs"], skip_broken=given["all_runs"])
-    return create_app(fleet, given["token"])
+    return create_app(fleet, given["token"], given["host"])
 
 
 def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
@@ -356,10 +375,12 @@ def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers
     runs = all_run_ids(Path(opts.cache_dir)) if all_runs else list(runs or [opts.run_id])
     opts = dataclasses.replace(opts, run_id=runs[0])
     what = f"run {runs[0]}" if len(runs) == 1 else f"{len(runs)} runs ({runs[0]} by default)"
-    log(f"loading {what}, then serving on http://{host}:{port} (the page at /, OpenAPI at /docs"
-         f"{', token required' if token else ''}); Ctrl-C stops")
+    docs = ("OpenAPI at /docs" if opts.docs else
+            "OpenAPI at /openapi.json; --docs turns on /docs and /redoc, whose pages load scripts from a CDN")
+    log(f"loading {what}, then serving on http://{host}:{port} (the page at /, {docs}"
+        f"{', token required' if token else ''}); Ctrl-C stops")
     if workers == 1:
-        uvicorn.run(create_app(Fleet(opts, runs, skip_broken=all_runs), token), host=host, port=port,
+        uvicorn.run(create_app(Fleet(opts, runs, skip_broken=all_runs), token, host), host=host, port=port,
                     access_log=False)
         return
     from ..runs.record import load_head
@@ -369,6 +390,6 @@ def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers
         for run_id in runs:
             load_head(Path(opts.cache_dir), run_id)  # a bad run fails here with one line, not in N workers
     os.environ[_ENV] = json.dumps({"opts": dataclasses.asdict(opts), "runs": runs, "all_runs": all_runs,
-                                   "token": token})
+                                   "token": token, "host": host})
     uvicorn.run("featurecache.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 access_log=False)

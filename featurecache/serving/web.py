@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatureCacheError
 from .fleet import Fleet, NotServed
+from .service import http_status
 
 STATIC = Path(__file__).parent / "static"
 NPY = "application/x-npy"
@@ -84,11 +85,12 @@ def add_routes(app: FastAPI, fleet: Fleet, submit, read_images, errors: dict, bo
         try:
             found = await run_in_threadpool(svc.look_up, named)
         except FeatureCacheError as e:
-            raise HTTPException(422, str(e)) from None
+            raise HTTPException(http_status(e), str(e)) from None
         ids, stored, pixels = found.ids, found.stored, found.pixels
         misses = sorted(pixels)
-        computed = await submit(svc.stored.set_id, [(None, named[k][0], pixels[k], 1) for k in misses])
+        computed = await submit(svc.stored.set_id, [(None, named[k][0], pixels.pop(k), 1) for k in misses])
         vectors = {**stored, **dict(zip(misses, computed))}
+        vectors.update({k: vectors[first] for k, first in found.same.items()})  # repeats: computed once
         matrix = np.stack([np.asarray(vectors[k], np.float32) for k in range(len(named))])
         cached = "".join("1" if k in stored else "0" for k in range(len(named)))
         run_id = run or fleet.runs_on(svc.stored.set_id)[0]

@@ -3,13 +3,12 @@
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_child
 
 # Lines the native libraries print in their own formats (absl/glog, TensorFlow's older logger) or words
 # that only their start-up messages use.
@@ -21,8 +20,7 @@ def cli(*args, cwd: Path, env: dict | None = None):
     """The installed entry point in a subprocess, in `cwd`, with no TF_CPP_MIN_LOG_LEVEL help from us."""
     base = {k: v for k, v in os.environ.items()
             if k not in ("TF_CPP_MIN_LOG_LEVEL", "FEATURECACHE_DIR", "FEATURECACHE_ENGINE", "FEATURECACHE_DEBUG")}
-    return subprocess.run([sys.executable, "-m", "featurecache.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=base | (env or {}))
+    return run_child([sys.executable, "-m", "featurecache.cli", *args], cwd=cwd, env=base | (env or {}))
 
 
 def one_usage_line(proc) -> str:
@@ -148,7 +146,7 @@ def test_a_bad_project_file_is_one_line_naming_file_and_key(tmp_path, text, word
 
 def test_the_lock_pins_every_declared_dependency_inside_its_range(tmp_path):
     script = ROOT / "scripts" / "lock.py"
-    ok = subprocess.run([sys.executable, script, "check"], capture_output=True, text=True)
+    ok = run_child([sys.executable, script, "check"])
     assert ok.returncode == 0, ok.stderr
     # The environment the suite runs in is the locked one (what `pip install -c requirements.lock` gives).
     from importlib.metadata import PackageNotFoundError, version
@@ -168,6 +166,6 @@ def test_the_lock_pins_every_declared_dependency_inside_its_range(tmp_path):
     bad = tmp_path / "requirements.lock"
     bad.write_text(re.sub(r"(?m)^numpy==.*$", "numpy==1.20.0", (ROOT / "requirements.lock").read_text())
                    .replace("\ntyper==", "\n# typer=="))
-    proc = subprocess.run([sys.executable, script, "check", "--lock", bad], capture_output=True, text=True)
+    proc = run_child([sys.executable, script, "check", "--lock", bad])
     line = one_usage_line(proc)
     assert "numpy==1.20.0 is outside pyproject's range '>=1.26'" in line and "typer" in line

@@ -1,6 +1,8 @@
 import gzip
 import math
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import run_python, write_cifar_archive, write_digit_folder
-from featurecache.data.datasets import FASHION_MNIST_DIR, load_dataset
+from conftest import (FASHION_DIR_OVERRIDE, ROOT, needs_fashion_mnist, run_child, run_cli, run_python,
+                      write_cifar_archive, write_digit_folder)
+from featurecache.data.datasets import load_dataset
 from featurecache.errors import FeatureCacheError
 
 
@@ -78,9 +81,9 @@ def test_idx_files_from_a_given_folder(tmp_path):
         load_dataset("mnist", data_dir=str(tmp_path))
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist()
 def test_fashion_mnist_from_the_debian_package():
-    ds = load_dataset("fashion-mnist")
+    ds = load_dataset("fashion-mnist", data_dir=FASHION_DIR_OVERRIDE)  # None: the package's own folder
     assert len(ds.train) == 60000 and len(ds.test) == 10000
     assert ds.class_names[9] == "Ankle boot"
     assert np.bincount(ds.test.labels).tolist() == [1000] * 10
@@ -158,3 +161,65 @@ def test_a_subset_cache_hit_does_not_import_scikit_learn(tmp_path):
             "assert len(ds.train) == 100 and len(ds.test) == 50; "
             "print(sorted(m for m in sys.modules if m.startswith('sklearn.model_selection')))")
     assert run_python(code).strip() == "[]"
+
+
+@pytest.mark.parametrize("require", ["", "1"])
+def test_missing_fashion_mnist_skips_here_and_fails_where_ci_requires_it(require, tmp_path):
+    """Issue 25: `.ci/run` swallowed a failed `apt-get install dataset-fashion-mnist` and the real-data tests
+    then skipped: green. Now FEATURECACHE_REQUIRE_DATA (which .ci/run exports) turns that skip into a failure.
+    The data is hidden by pointing FEATURECACHE_FASHION_MNIST_DIR at a missing folder."""
+    missing = tmp_path / "no-fashion-mnist"
+    env = dict(os.environ, FEATURECACHE_FASHION_MNIST_DIR=str(missing), FEATURECACHE_REQUIRE_DATA=require)
+    proc = run_child([sys.executable, "-m", "pytest", f"{__file__}::test_fashion_mnist_from_the_debian_package",
+                      "-q", "-rs", "-p", "no:cacheprovider"], cwd=ROOT, env=env)
+    want = f"{missing} missing: apt-get install dataset-fashion-mnist"
+    assert want in proc.stdout, proc.stdout[-2000:]
+    if require:
+        assert proc.returncode == 1 and "1 error" in proc.stdout and "FEATURECACHE_REQUIRE_DATA is set" in proc.stdout
+    else:
+        assert proc.returncode == 0 and "1 skipped" in proc.stdout
+
+
+def test_a_class_folder_with_one_image_is_one_line_naming_the_folder(tmp_path):
+    """Issue 25: a class folder with a single image cannot be split into train and test; the line named the
+    class by its index (`class index 2`), which a folder of images does not show anywhere."""
+    write_digit_folder(tmp_path / "data", 4, classes=(0, 1))
+    write_digit_folder(tmp_path / "data", 1, classes=(2,))
+    with pytest.raises(FeatureCacheError) as e:
+        load_dataset(str(tmp_path / "data"))
+    assert str(e.value) == (f"--data {tmp_path / 'data'}: class 'digit2' has a single image; each class needs at "
+                            "least two to split into train and test")
+
+
+@pytest.mark.parametrize("layout", ["classes", "train-test"])
+def test_an_empty_class_folder_is_one_line(tmp_path, layout):
+    """Issue 25: an empty class folder became a class with no images (an empty row in every report, a class
+    no head can learn), silently. A folder holding only hidden files (.DS_Store) is empty too."""
+    root = tmp_path / "data"
+    where = root if layout == "classes" else root / "train"
+    write_digit_folder(where, 4, classes=(0, 1))
+    if layout == "train-test":
+        write_digit_folder(root / "test", 2, classes=(0, 1))
+    (where / "shoes").mkdir()
+    (where / "shoes" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(FeatureCacheError) as e:
+        load_dataset(str(root))
+    assert str(e.value) == (f"--data {where}: class folder 'shoes' holds no files; put its images in it or remove "
+                            "the folder")
+    proc = run_cli("plan", "--data", root, "--model", "vgg16", "--weights", "random", "--size", "32",
+                   cache_dir=tmp_path / "cache")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {e.value}"
+
+
+@pytest.mark.parametrize("test_size", [0, 1, -0.5, 1.5, float("nan")])
+def test_a_test_size_outside_0_1_is_one_line_whatever_the_data(tmp_path, test_size):
+    """Issue 25: `--test-size` outside (0, 1) was refused only where the data is split by it; with a folder of
+    train/ and test/ (or a built-in with its own split) it was accepted and ignored. Now refused everywhere."""
+    write_digit_folder(tmp_path / "tt" / "train", 4, classes=(0, 1))
+    write_digit_folder(tmp_path / "tt" / "test", 2, classes=(0, 1))
+    want = f"--test-size {float(test_size)}: must be between 0 and 1 (e.g. 0.25)"
+    for data in ("digits", str(tmp_path / "tt")):
+        with pytest.raises(FeatureCacheError) as e:
+            load_dataset(data, test_size=float(test_size))
+        assert str(e.value) == want
+    assert load_dataset(str(tmp_path / "tt"), test_size=0.5).train.labels.tolist() == [0] * 4 + [1] * 4  # unused

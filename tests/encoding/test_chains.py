@@ -10,7 +10,7 @@ than the full product keeps this to about a minute on 2 cores.
 import numpy as np
 import pytest
 
-from conftest import write_digit_folder
+from conftest import needs, write_digit_folder
 from featurecache import engines
 from featurecache.api import DataOptions, RunSettings, extract_dataset
 from featurecache.extraction.extract import FeatureSpec
@@ -27,7 +27,7 @@ CASES = [
     ("efficientnet_lite0", "avg", "bilinear", "scale01", "tensorflow", "float32"),
     ("efficientnet_lite0", "flatten", "nearest", "auto", "onnxruntime", "float32"),
     pytest.param("vgg16", "avg", "nearest", "auto", "openvino", "int8",
-                 marks=pytest.mark.skipif(not INT8, reason="int8 needs openvino and nncf")),
+                 marks=needs(INT8, "int8 needs openvino and nncf")),
 ]
 LAYER = {"vgg16": "block4_pool", "efficientnet_lite0": "block5c_add"}
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import feats, fit_run, run_cli, run_python, write_digit_folder
+from conftest import feats, fit_run, require, run_cli, run_python, write_digit_folder
 from featurecache import versions
 from featurecache.api import encode_images, make_encoder
 from featurecache.data.datasets import load_dataset
@@ -54,7 +54,7 @@ def test_a_description_rebuilt_in_a_fresh_process_gives_the_same_vectors(encoder
 def test_an_encoder_on_a_cached_graph_builds_no_network(engine, files, tmp_path):
     """Once a graph is converted, an encoder for it (a Ray actor, `predict`, `serve`) runs it without
     building the Keras model or importing TensorFlow, and gives the same vectors as the one that converted it."""
-    pytest.importorskip(engine)
+    require(engine, f"{engine} is not installed")
     first = make_encoder(SPEC, RunSettings(tmp_path, engine=engine))
     want = first([str(p) for p in files])
     (tmp_path / "desc.pkl").write_bytes(pickle.dumps(first.description))

@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 
+from conftest import needs
 from featurecache import engines
 from featurecache.engines import choice
 from featurecache.engines.graphs import Graph
@@ -138,7 +139,7 @@ def test_plan_shows_the_measured_table():
     assert "--precision bf16: available" in text
 
 
-@pytest.mark.skipif(not engines.installed("onnxruntime"), reason="onnxruntime not installed")
+@needs(engines.installed("onnxruntime"), "onnxruntime not installed")
 def test_a_real_measurement_on_the_users_graph(tmp_path):
     """The real thing, small: vgg16 (random) at 32px to block1_pool on every installed engine."""
     from featurecache.api import FeatureSpec, RunSettings, make_encoder

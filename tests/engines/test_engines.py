@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli
+from conftest import error_line, needs, run_cli
 from featurecache import engines
 from featurecache.api import DataOptions, RunSettings, extract_dataset
 from featurecache.backbones import get_backbone
@@ -111,7 +111,7 @@ def test_conversion_happens_once_and_leaves_no_temporary_files(tmp_path, monkeyp
     assert all(np.allclose(o, outs[0], rtol=1e-4, atol=1e-4) for o in outs)
 
 
-@pytest.mark.skipif(not engines.installed("openvino"), reason="int8 runs on openvino")
+@needs(engines.installed("openvino"), "int8 runs on openvino")
 def test_int8_is_another_feature_set_calibrated_once(small, tmp_path, monkeypatch):
     from featurecache.engines import int8
 
@@ -136,7 +136,7 @@ def test_int8_is_another_feature_set_calibrated_once(small, tmp_path, monkeypatc
         extract_dataset(small, spec8, RunSettings(tmp_path, progress=False, engine="onnxruntime"))
 
 
-@pytest.mark.skipif(not engines.installed("openvino"), reason="int8 runs on openvino")
+@needs(engines.installed("openvino"), "int8 runs on openvino")
 def test_verify_checks_one_tap_of_an_int8_set_extracted_beside_others(small, tmp_path):
     """Sets extracted together share one int8 graph (a graph per tap set); verifying one of them finds that
     graph rather than asking for a calibration the training images are not at hand for."""
@@ -199,7 +199,7 @@ def test_plan_counts_what_the_cache_lacks_and_the_disk_it_needs(tmp_path):
     assert by_layer["block5_pool"]["bytes_after"] == 90 * (512 * 4 + 32)
 
 
-@pytest.mark.skipif(not engines.installed("openvino"), reason="openvino not installed")
+@needs(engines.installed("openvino"), "openvino not installed")
 def test_openvino_does_not_pin_threads_when_given_fewer_cores(monkeypatch, tmp_path):
     """A Ray actor is given FEATURECACHE_THREADS cores of the machine: OpenVINO must not pin its threads to the
     first cores (two actors would share one), and the compiled model must carry that setting."""

@@ -5,6 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from conftest import needs, write_digit_folder
 from featurecache import engines
 from featurecache.api import RunSettings, make_encoder
 from featurecache.engines import choice
@@ -12,7 +13,9 @@ from featurecache.errors import FeatureCacheError
 from featurecache.settings import FeatureSpec, Precision, resolve
 
 SPEC = FeatureSpec("vgg16", "random", ("block4_pool",), size=32)
-needs_openvino = pytest.mark.skipif(not engines.installed("openvino"), reason="openvino not installed")
+# openvino and nncf are featurecache's own dependencies: skipped only on a partial install, failed under CI.
+needs_openvino = needs(engines.installed("openvino"), "openvino not installed")
+needs_nncf = needs(importlib.util.find_spec("nncf") is not None, "int8 needs nncf")
 
 
 def test_bf16_is_its_own_set_and_old_spellings_stay(tmp_path):
@@ -47,19 +50,26 @@ def test_has_bf16_reads_the_cpu_flags(monkeypatch):
 
 
 @needs_openvino
+# A skip CI may keep: bf16 arithmetic is the CPU's (AVX512_BF16 or AMX), which no package installs; -rs shows it.
 @pytest.mark.skipif(not choice.has_bf16(), reason="this CPU has no AVX512_BF16 or AMX")
-def test_a_real_bf16_extraction_is_within_one_percent_of_float32(tmp_path):
-    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    want = make_encoder(SPEC, RunSettings(tmp_path, engine="openvino")).encode_pixels(x)["block4_pool"]
-    enc = make_encoder(FeatureSpec(**{**SPEC.__dict__, "precision": "bf16"}), RunSettings(tmp_path, engine="auto"))
-    got = enc.encode_pixels(x)["block4_pool"]
+def test_a_real_bf16_extraction_is_within_the_readmes_bound_of_float32(tmp_path):
+    """README: bf16 "vgg16 vectors within 0.5% of the feature scale" (0.41% measured on block4_pool at 64 px,
+    docs/BENCHMARKS.md). The claim's setting: pretrained HED-VGG16, real images (digits at 32 px), block4_pool.
+    Random weights, as the test used before, give a larger error (0.7% by a numpy emulation of bf16 rounding,
+    against 0.46% for these weights; the emulation over-states the measured 0.41% by about a tenth). Written on
+    a CPU without bf16, where it skips: its first run on a bf16 CPU is its first real measurement."""
+    paths = write_digit_folder(tmp_path / "digits", 4, classes=(0, 3, 8))
+    spec = FeatureSpec("vgg16", "hed-bsds", ("block4_pool",), size=32, resize="nearest")
+    want = make_encoder(spec, RunSettings(tmp_path, engine="openvino"))([str(p) for p in paths])["block4_pool"]
+    enc = make_encoder(FeatureSpec(**{**spec.__dict__, "precision": "bf16"}), RunSettings(tmp_path, engine="auto"))
+    got = enc([str(p) for p in paths])["block4_pool"]
     assert enc.engine == "openvino"
     err = np.abs(got - want).max() / np.abs(want).max()
-    assert 0 < err < 0.01, err  # rounded (bf16 really ran), yet within 1% of the feature scale
+    assert 0 < err < 0.005, err  # rounded (bf16 really ran), yet within the README's 0.5% of the feature scale
 
 
 @needs_openvino
-@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="int8 needs nncf")
+@needs_nncf
 def test_a_taps_int8_vectors_do_not_depend_on_the_other_taps_requested(tmp_path):
     """Each tap set has its own int8 graph (calibrated on the same images): block4_pool alone and block4_pool
     beside block5_pool (where its output also feeds block5's quantised convolutions) give the same vectors."""
@@ -103,7 +113,7 @@ def test_the_int8_recipe_is_in_the_key(tmp_path, monkeypatch):
 
 
 @needs_openvino
-@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="int8 needs nncf")
+@needs_nncf
 def test_plan_weighs_int8_on_the_evidence_at_hand(tmp_path):
     """`plan` times the cached float32 and int8 graphs of these taps now, and pairs the runs in the cache that
     differ only in precision: their test accuracies and the difference in points."""

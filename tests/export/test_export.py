@@ -4,7 +4,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 
 import joblib
@@ -12,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import error_line, feats, fit_run, run_cli
+from conftest import error_line, feats, fit_run, needs, require, run_child, run_cli
 from featurecache.encoding.pooling import Pooling
 from featurecache.encoding.preprocessing import MODES
 
-pytest.importorskip("skl2onnx")
-ort = pytest.importorskip("onnxruntime")
+# Both are featurecache's own dependencies: skipped only on a partial install, failed under CI.
+require("skl2onnx", "skl2onnx is not installed")
+ort = require("onnxruntime", "onnxruntime is not installed")
 
 # --resize nearest: the plain program below maps the metadata's method to a Pillow filter (auto, the
 # default, is a rule: nearest up, bilinear down).
@@ -77,8 +77,7 @@ def exported(tmp_path_factory):
 
 
 def _plain_ort(path, files, cwd):
-    proc = subprocess.run([sys.executable, "-c", PLAIN_ORT, str(path), *map(str, files)], capture_output=True,
-                          text=True, cwd=cwd)
+    proc = run_child([sys.executable, "-c", PLAIN_ORT, path, *files], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -287,8 +286,8 @@ def test_check_on_images_of_another_size_is_one_line(exported, tmp_path):
     assert "40x40" in line and "32x32" in line
 
 
-needs_int8 = pytest.mark.skipif(importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None,
-                                reason="int8 features need openvino and nncf")
+needs_int8 = needs(importlib.util.find_spec("nncf") is not None and importlib.util.find_spec("openvino") is not None,
+                   "int8 features need openvino and nncf")
 
 
 @pytest.fixture(scope="module")
@@ -315,9 +314,10 @@ def test_an_int8_run_exports_the_int8_graph_its_features_came_from(exported, int
     assert meta["precision"] == "int8" and json.loads(meta["feature_key"])["precision"].startswith("int8-openvino-")
     proc = run_cli("export", "--check", int8_run["path"], "--json", cache_dir=exported["cache"])
     r = json.loads(proc.stdout)
-    # Another runtime's int8 kernels may round a value differently; the check says by how much.
-    assert r["images"] == 24 and r["agree"] >= 22 and r["tensorflow_imported"] is False
-    assert r["max_score_difference"] < 0.02, r
+    # Another runtime's int8 kernels may round a value differently; the check says by how much. The bounds are
+    # docs/EXPORT.md's, which are what this run measures: 23 of 24 labels, scores within 4.5e-4.
+    assert r["images"] == 24 and r["agree"] >= 23 and r["tensorflow_imported"] is False, r
+    assert r["max_score_difference"] <= 5e-4, r
     assert proc.returncode == (0 if r["agree"] == 24 else 1)
 
 
@@ -516,14 +516,10 @@ def test_force_overwrites_and_the_file_is_whole(exported, tmp_path):
 
 def test_block_normaliser_converts(tmp_path):
     """A multi-tap fit's normaliser (each tap's block to unit norm, then the row), where the estimator has blocks."""
-    import inspect
-
     from featurecache.export import exporter as export
     from featurecache.heads import L2Normalizer, make_pipeline, scores
     from featurecache.runs.record import Run
 
-    if "blocks" not in inspect.signature(L2Normalizer).parameters:
-        pytest.skip("L2Normalizer has no blocks here")
     rng = np.random.default_rng(0)
     x = np.abs(rng.normal(size=(60, 8))).astype(np.float32)
     x[:5, :3] = 0  # a block of norm zero stays zero

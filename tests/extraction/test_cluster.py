@@ -9,6 +9,7 @@ the machine is shared.
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -16,14 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("ray")
+from conftest import (CHILD_TIMEOUT, ROOT, error_line, feats, free_port, require, run_child, run_cli,  # noqa: E402
+                      write_digit_folder)
 
-from conftest import ROOT, error_line, feats, free_port, run_cli, write_digit_folder  # noqa: E402
+require("ray", "ray is not installed (pip install -e '.[test]')")
 from test_reliability import Child, progress  # noqa: E402
 
 from featurecache.api import DataOptions, RunSettings, extract_dataset  # noqa: E402
@@ -189,12 +192,18 @@ def test_ctrl_c_keeps_finished_batches_and_stops_a_local_ray(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", "extract", "--data", "digits", "--max-train",
                              "300", "--max-test", "100", *FEATS, "--executor", "ray", "--batch-size", "8"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    err = ""
-    while progress(err) < 16:
-        assert proc.poll() is None, err[-3000:]
-        err += os.read(proc.stderr.fileno(), 4096).decode()
-    os.killpg(proc.pid, signal.SIGINT)
-    _, rest = proc.communicate(timeout=120)
+    err, deadline = "", time.monotonic() + CHILD_TIMEOUT
+    try:
+        while progress(err) < 16:
+            assert proc.poll() is None and time.monotonic() < deadline, f"extract --executor ray hung:\n{err[-3000:]}"
+            if select.select([proc.stderr], [], [], 1)[0]:  # a silent child must not block the read for ever
+                err += os.read(proc.stderr.fileno(), 4096).decode()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # hung, or Ctrl-C ignored: the test fails, the child does not outlive it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
     done = re.search(r"interrupted after (\d+) of 400 images", err + rest)
     assert proc.returncode == 2 and done, (err + rest)[-3000:]
     assert len(the_set(tmp_path)) == int(done.group(1)) >= 16
@@ -235,11 +244,34 @@ def test_plan_estimates_from_the_cluster_resources(ray_address, tmp_path):
     assert out["expected_seconds"] > out["setup_seconds"] and "Ray cluster of 2 CPUs" in describe(out)
 
 
-def test_an_address_that_does_not_answer_is_one_line_quickly():
-    t0 = time.monotonic()
-    proc = run_cli("extract", *SMALL, *FEATS, "--executor", "ray", "--ray-address", "127.0.0.1:1")
-    assert proc.returncode == 2 and "--ray-address 127.0.0.1:1" in error_line(proc)
-    assert time.monotonic() - t0 < 60  # mostly the interpreter's start; the probe itself is bounded
+@contextmanager
+def silent_address():
+    """A loopback HOST:PORT that never answers, as a firewalled head does: a listening socket with a full
+    accept queue (backlog 0, one connection held, never accepted), so the kernel drops further SYNs and a
+    connect() waits until its own timeout."""
+    with socket.socket() as srv, socket.socket() as held:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        held.connect(srv.getsockname())
+        yield "%s:%d" % srv.getsockname()
+
+
+def test_an_address_that_does_not_answer_is_one_line_within_the_documented_bound(tmp_path):
+    """docs/CLUSTER.md: an address that does not answer is one line "within 5 seconds, before any work". The
+    figure is the probe's timeout (asserted equal, not timed: ray.init alone would retry for a minute or
+    more); a refused port and a silent one each end in one line, and nothing is extracted."""
+    from featurecache.extraction import cluster
+
+    claim = re.search(r"within (\d+) seconds, before any work", (ROOT / "docs" / "CLUSTER.md").read_text())
+    assert claim and float(claim.group(1)) == cluster.PROBE_SECONDS
+    proc = run_cli("extract", *SMALL, *FEATS, "--executor", "ray", "--ray-address", "127.0.0.1:1", cache_dir=tmp_path)
+    assert proc.returncode == 2 and "--ray-address 127.0.0.1:1: nothing answers" in error_line(proc)
+    with silent_address() as address:
+        with pytest.raises(FeatureCacheError, match=f"--ray-address {address}: nothing answers .*no answer"):
+            probe(address, timeout=0.5)  # the bound is the probe's: a silent host waits no longer than it
+        proc = run_cli("extract", *SMALL, *FEATS, "--executor", "ray", "--ray-address", address, cache_dir=tmp_path)
+    assert proc.returncode == 2 and "(no answer)" in error_line(proc)  # the CLI's probe, with its default bound
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())  # before any work
     with pytest.raises(FeatureCacheError, match="expected HOST:PORT"):
         probe("nonsense")
 
@@ -250,8 +282,7 @@ def test_without_ray_installed_the_error_names_the_extra(tmp_path):
     code = ("import sys, runpy; sys.modules['ray'] = None; "  # `import ray` now fails as if not installed
             f"sys.argv = ['featurecache', 'extract', *{SMALL + FEATS!r}, '--executor', 'ray']; "
             "runpy.run_module('featurecache.cli', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, FEATURECACHE_DIR=str(tmp_path)))
+    proc = run_child([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, FEATURECACHE_DIR=str(tmp_path)))
     assert proc.returncode == 2 and 'pip install "featurecache[ray]"' in error_line(proc)
 
 

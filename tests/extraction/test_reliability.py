@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, error_line, feats, run_cli, write_digit_folder
+from conftest import CHILD_TIMEOUT, ROOT, error_line, feats, run_child, run_cli, stop, write_digit_folder
 from featurecache.encoding import images
 from featurecache.api import DataOptions, RunSettings, dataset_features, extract_dataset
 from featurecache.data.datasets import load_dataset
@@ -56,15 +56,22 @@ class Child:
     def __init__(self, *args, cache_dir, env=None):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", FEATURECACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1",
                    **(env or {}))
+        self.cmd = ["featurecache", *map(str, args)]
         self.proc = subprocess.Popen([sys.executable, "-m", "featurecache.cli", *map(str, args)], cwd=ROOT,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.err = ""
+        self.err = self.out = ""
+        # Both pipes read as they come (a full pipe would block the child), so finish() can wait with a limit.
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
+        self._t_out = threading.Thread(target=self._read_out, daemon=True)
+        self._t_out.start()
 
     def _read(self):
         for chunk in iter(lambda: self.proc.stderr.read(1), ""):
             self.err += chunk
+
+    def _read_out(self):
+        self.out = self.proc.stdout.read()
 
     def wait_for(self, predicate, timeout=180):
         t0 = time.monotonic()
@@ -73,12 +80,17 @@ class Child:
                 raise AssertionError(f"never saw the expected output:\n{self.err[-3000:]}")
             time.sleep(0.02)
 
-    def finish(self, timeout=300):
+    def finish(self, timeout=CHILD_TIMEOUT):
         # Not communicate(): it would read stderr too, racing the reader thread for the last lines.
-        out = self.proc.stdout.read()
-        self.proc.wait(timeout=timeout)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(self.proc, " ".join(self.cmd))
+            raise AssertionError(f"hung: `{' '.join(self.cmd)}` still running after {timeout} s, stopped; its stderr "
+                                 f"ended:\n{self.err[-3000:]}") from None
         self._t.join()
-        return self.proc.returncode, out
+        self._t_out.join()
+        return self.proc.returncode, self.out
 
 
 def progress(err: str) -> int:
@@ -110,7 +122,7 @@ fs.append([f"{{i:032x}}" for i in range(8)], np.ones((8, 4), np.float32))
 {patch}
 fs.append([f"{{i:032x}}" for i in range(8, 16)], np.full((8, 4), 2, np.float32))
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = run_child([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     fs = FeatureStore(tmp_path).get(key_id(key))
     assert len(fs) == 8 + visible and rows_in_parts(fs) == 8 + visible
@@ -146,7 +158,7 @@ os.replace = die
 from featurecache.store.sets import FeatureStore
 FeatureStore(Path({str(tmp_path)!r})).open({key_id(key)!r}, {key!r}, 4)
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = run_child([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     store = FeatureStore(tmp_path)
     folder = tmp_path / "features" / key_id(key)

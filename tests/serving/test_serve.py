@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FEATS, error_line, fit_run, run_cli, serving, write_digit_folder
+from conftest import FEATS, digit_project, error_line, fit_run, run_cli, serving
 from featurecache.encoding.images import content_hash
 
 MAX_PIXELS = 10_000
@@ -22,9 +23,7 @@ MAX_BODY_MB = 0.5
 def server(tmp_path_factory):
     """A logreg run on real digit PNGs (3 classes), served with small limits; 9 more digits not in the cache."""
     root = tmp_path_factory.mktemp("serve")
-    data, new, cache = root / "digits", root / "new", root / "cache"
-    write_digit_folder(data, 12)
-    new_files = write_digit_folder(new, 3, offset=12)
+    data, new_files, cache = digit_project(root, 3)
     run_id = fit_run("--data", data, *FEATS, "--head", "logreg", "--extract", cache=cache)["run_id"]
     with serving(["--run", run_id, "--max-pixels", MAX_PIXELS, "--max-body-mb", MAX_BODY_MB,
                   "--max-wait-ms", "50"],  # room for concurrent requests to meet in one batch
@@ -121,7 +120,9 @@ def test_health_info_and_openapi(server):
     assert info["limits"]["max_pixels"] == MAX_PIXELS
     from featurecache.runs import record as runs
 
-    assert info["method"] == runs.load(server["cache"], server["run"]).describe()  # as `report` gives it
+    run = runs.load(server["cache"], server["run"])
+    # As `report` gives it, with the dataset named rather than located (the server keeps its paths to itself).
+    assert info["method"] == run.describe().replace(run.data, Path(run.data).name)
     body = httpx.get(f"{server['url']}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
     assert set(body["content"]) == {"multipart/form-data", "application/json"}
 

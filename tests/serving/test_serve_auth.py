@@ -4,14 +4,13 @@ over HTTP on a real server process; and the start-up refusals, which need no ser
 import io
 import json
 import os
-import subprocess
 import sys
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import FEATS, ROOT, error_line, fit_run, run_cli, serving, write_digit_folder
+from conftest import FEATS, ROOT, digit_project, error_line, fit_run, run_child, run_cli, serving
 from featurecache.encoding.images import content_hash
 from featurecache.store.sets import FeatureStore
 from test_serve import png_bytes
@@ -28,9 +27,7 @@ def fit(data, cache, *args) -> str:
 def server(tmp_path_factory):
     """Three runs behind one token: logreg and linsvc on one feature set, logreg on another layer's."""
     root = tmp_path_factory.mktemp("serve-auth")
-    data, new, cache = root / "digits", root / "new", root / "cache"
-    write_digit_folder(data, 12)
-    new_files = write_digit_folder(new, 2, offset=12)
+    data, new_files, cache = digit_project(root, 2)
     runs = [fit(data, cache, "--head", "logreg"), fit(data, cache, "--head", "linsvc"),
             fit(data, cache, "--head", "logreg", "--layer", "block4_pool")]
     # the token from the environment
@@ -120,14 +117,16 @@ def test_embed_returns_the_stored_vectors_of_cached_images_as_json_and_npy(serve
         assert (body["set"], body["dims"]) == (set_of(server, run_id), stored.shape[1])
         assert [(e["file"], e["hash"], e["cached"]) for e in body["embeddings"]] == \
                [(p.name, i, True) for p, i in zip(paths, ids)]
-        np.testing.assert_allclose([e["vector"] for e in body["embeddings"]], stored, atol=1e-5, rtol=0)
+        # README: "straight from the store, bit for bit": JSON's numbers read back as float32 are the stored ones.
+        assert stored.dtype == np.float32
+        assert np.array_equal(np.array([e["vector"] for e in body["embeddings"]], np.float32), stored)
 
         r = post(server, "/embed", paths, headers={**AUTH, "Accept": "application/x-npy"}, set=set_of(server, run_id))
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
         assert r.headers["x-featurecache-set"] == set_of(server, run_id) and r.headers["x-featurecache-cached"] == "11111"
         matrix = np.load(io.BytesIO(r.content), allow_pickle=False)
         assert matrix.dtype == np.float32 and matrix.shape == stored.shape
-        np.testing.assert_allclose(matrix, stored, atol=1e-5, rtol=0)
+        assert np.array_equal(matrix, stored)  # bit for bit
 
 
 def test_embed_computes_new_images_as_extraction_would(server):
@@ -170,8 +169,7 @@ def serve_cli(tmp_path, *args, token=None):
     if token is not None:
         env["FEATURECACHE_TOKEN"] = token
     env["FEATURECACHE_DIR"] = str(tmp_path)
-    return subprocess.run([sys.executable, "-m", "featurecache.cli", "serve", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    return run_child([sys.executable, "-m", "featurecache.cli", "serve", *args], timeout=120, env=env, cwd=ROOT)
 
 
 @pytest.mark.parametrize("args, token, words", [

@@ -1,7 +1,9 @@
 """The page at `/` in a real browser: Debian's chromium, driven by Selenium through Debian's chromedriver,
 against a real `featurecache serve` process with a token. Files go in through the page's own file input;
-the labels the page shows must be what `POST /predict` answers for the same files. The screenshot it
-takes is docs/serve-page.png.
+the labels the page shows must be what `POST /predict` answers for the same files. Its screenshot goes
+under the test's temporary folder, or to FEATURECACHE_SCREENSHOT when set: scripts/refresh_screenshot.py
+sets it to docs/serve-page.png, so the tracked picture changes only when someone asks, and shows a page
+this test has just checked.
 
 Skipped only where chromium, chromedriver or selenium is absent (with the reason); `.ci/run` installs
 them and sets FEATURECACHE_REQUIRE_BROWSER=1, under which their absence fails the test instead.
@@ -9,15 +11,15 @@ them and sets FEATURECACHE_REQUIRE_BROWSER=1, under which their absence fails th
 
 import json
 import os
+from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT, feats, fit_run, serving, write_digit_folder
+from conftest import feats, fit_run, require, serving, write_digit_folder
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "page-test-token"
-SCREENSHOT = ROOT / "docs" / "serve-page.png"
 # What headless Chromium needs on these machines: no sandbox (root), no GPU, and none of the background
 # connections a closed network refuses by the dozen (../shared/OFFLINE_ASSETS.md).
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -30,12 +32,8 @@ def browser_or_skip():
         import selenium  # noqa: F401
     except ImportError:
         missing.append("the selenium package")
-    if missing:
-        reason = (f"no real browser here: {', '.join(missing)} missing (apt-get install chromium chromium-driver; "
-                  "pip install -e '.[test]')")
-        if os.environ.get("FEATURECACHE_REQUIRE_BROWSER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(not missing, f"no real browser here: {', '.join(missing)} missing (apt-get install chromium "
+            "chromium-driver; pip install -e '.[test]')", under="FEATURECACHE_REQUIRE_BROWSER")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +133,10 @@ def test_the_page_asks_for_the_token_then_labels_uploads_as_predict_does(server,
     assert server["run"] in facts and record["features"] in facts
     from featurecache.runs import record as runs
 
-    assert runs.load(server["cache"], server["run"]).describe() in facts  # the run's every setting, as `report`
+    run = runs.load(server["cache"], server["run"])
+    # The run's every setting, as `report` says it, but the data by its name: never the server's folders.
+    assert run.describe().replace(str(run.data), Path(run.data).name) in facts
+    assert str(server["data"]) not in facts
     assert f"{100 * record['metrics']['test_accuracy']:.2f}%" in facts
     table = browser.find_element(By.CSS_SELECTOR, "table.confusion")
     assert len(table.find_elements(By.TAG_NAME, "tr")) == 1 + len(record["class_names"])
@@ -153,7 +154,7 @@ def test_the_page_asks_for_the_token_then_labels_uploads_as_predict_does(server,
     assert "from the cache" in shown_cards[paths[0].name]["meta"]
 
 
-def test_a_non_image_gets_the_servers_error_next_to_it_and_the_others_still_answer(server, browser):
+def test_a_non_image_gets_the_servers_error_next_to_it_and_the_others_still_answer(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.ID, "clear").click()
@@ -169,6 +170,9 @@ def test_a_non_image_gets_the_servers_error_next_to_it_and_the_others_still_answ
     assert {name: shown_cards[name]["labels"][0] for name in want} == want
     assert all(shown_cards[name]["state"] == "done" for name in want)
 
-    # The screenshot in docs/: the run, its confusion matrix, two labelled digits and the refused file.
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(SCREENSHOT))
+    # The screenshot: the run, its confusion matrix, two labelled digits and the refused file. Never into the
+    # tracked docs/ unless asked (scripts/refresh_screenshot.py).
+    screenshot = Path(os.environ.get("FEATURECACHE_SCREENSHOT") or tmp_path / "serve-page.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_line, run_cli
+from conftest import ROOT, error_line, read_line, run_cli
 from featurecache.engines.graphs import OWNER, Graph
 from featurecache.fingerprint import key_id
 from featurecache.store.sets import FeatureStore
@@ -68,9 +68,8 @@ def start_holder(folder: Path) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    deadline = time.monotonic() + TIMEOUT
-    line = proc.stdout.readline()  # blocks until the child has the graph in use, or has died
-    if line.strip() != "ready" or time.monotonic() > deadline:
+    line = read_line(proc, "the graph holder", TIMEOUT)  # once the child has the graph in use, or has died
+    if line.strip() != "ready":
         proc.kill()
         raise AssertionError(f"holder did not start: {line!r} {proc.stderr.read()[-2000:]}")
     return proc
@@ -89,7 +88,7 @@ def test_prune_never_takes_a_graph_in_use_and_a_dead_process_does_not_hold_it(ex
         assert (folder / "model.onnx").is_file() and folder.name not in [e["id"] for e in out["removed"]]
         holder.stdin.write("go\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "ran"  # the process using it carries on
+        assert read_line(holder, "the graph holder", TIMEOUT).strip() == "ran"  # the process using it carries on
         assert holder.wait(timeout=TIMEOUT) == 0, holder.stderr.read()[-2000:]
     finally:
         holder.kill()
